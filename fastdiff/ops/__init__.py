@@ -1,0 +1,5 @@
+"""Fused ops: argument checks, torch.library registration, backend dispatch."""
+from fastdiff.ops._dispatch import available_backends
+from fastdiff.ops.stf import stf_target, stf_weights
+
+__all__ = ["available_backends", "stf_target", "stf_weights"]

@@ -1,0 +1,321 @@
+"""The Stable Target Field target (Xu, Tong & Jaakkola, ICLR 2023).
+
+For noisy rows x_i = y_i + sigma_i n_i (VE form) and a reference batch ref
+(N clean samples, the sources y_i among them):
+
+    l_ik = -||x_i - ref_k||^2 / (2 sigma_i^2)
+    t_i  = sum_k softmax_k(l_ik) ref_k          lse_i = logsumexp_k(l_ik)
+
+This module holds the public functions, their argument checks, the
+torch.library registration and the plain-PyTorch backend. The other backends
+(C++ in csrc/, Triton in kernels/) implement the same backend contract:
+
+    impl(x, sigma, ref, precision, t_out, lse_out) -> None
+
+with x (B, D) and ref (N, D) contiguous in any float dtype, sigma (B,) float32,
+t_out (B, D) in x's dtype and lse_out (B,) float32, all on one device; the
+impl writes every element of t_out and lse_out.
+
+Exactness ("highest"). The logits come from a GEMM through the expansion
+||x||^2 - 2 x.r + ||r||^2, whose fp32 rounding error is amplified by
+1/sigma^2. Each logit carries a bound on that error (GEMM_GAMMA below);
+the entries whose bounded error could move the target by more than a small
+budget (in units of the row's noise, sigma_i sqrt(D)) are re-evaluated by
+direct difference in float64. Far from the row's maximum, an entry's weight is
+negligible whatever its error; at large sigma the error itself is negligible;
+so only the few near neighbours at small sigma are re-evaluated.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from fastdiff.ops import _dispatch
+
+PRECISIONS = ("highest", "tf32x3", "tf32", "bf16")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# Per-call working memory of the chunked backends: the B x chunk logit tiles
+# (and the float32 copy of a chunk of ref, if ref is not float32) stay within
+# this many bytes, so memory never grows with N x D.
+CHUNK_BYTES = int(os.environ.get("FASTDIFF_CHUNK_BYTES", 64 << 20))
+
+# Bound on the error of a = 2 x.r - ||r||^2 computed in fp32 (GEMM + norms):
+#   |a~ - a| <= GEMM_GAMMA(D) * (||r||^2 + 2 ||x|| ||r||).
+# Worst case is D*u; blocked GEMM accumulation measures under 6u on random,
+# positive and mean-offset data for D in [1, 12288] (tests/test_stf.py checks
+# the bound), so u * (8 + 2 sqrt(D)) keeps a margin of 10x or more.
+def gemm_gamma(D: int) -> float:
+    return 2.0 ** -24 * (8.0 + 2.0 * math.sqrt(D))
+
+
+# The unflagged entries together may move the target by at most this much, in
+# units of sigma_i sqrt(D); the contract is 1e-4.
+ERROR_BUDGET = 1e-5
+
+
+def chunk_rows(B: int, N: int, D: int, ref_dtype: torch.dtype) -> int:
+    """Rows of ref processed per chunk under CHUNK_BYTES."""
+    per_row = 48 * max(B, 1) + (0 if ref_dtype == torch.float32 else 4 * D)
+    return int(max(1, min(N, CHUNK_BYTES // per_row)))
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float32, float16, bfloat16 or float64), "
+                        f"got {t.dtype}")
+
+
+def _checking_values() -> bool:
+    # Value checks read data back to the host; skip them while torch.compile
+    # traces (the graph must not break) and let the caller opt out for hot loops.
+    return not torch.compiler.is_compiling() and os.environ.get("FASTDIFF_CHECK_VALUES", "1") != "0"
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
+    """sigma (float, 0-d, (B,) or (B, 1, ...)) as a (B,) float32 tensor on x's device."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+        raise TypeError(f"sigma must be a float or a tensor, got {type(sigma).__name__}")
+    if not isinstance(sigma, torch.Tensor):
+        if not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be positive and finite, got {sigma}")
+        return torch.full((B,), float(sigma), dtype=torch.float32, device=x.device)
+    if sigma.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"sigma must have a floating dtype, got {sigma.dtype}")
+    if sigma.device != x.device and sigma.numel() != 1:
+        raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}")
+    if sigma.dim() == 0 or (sigma.numel() == 1 and B != 1 and sigma.dim() <= 1):
+        s = sigma.reshape(()).to(device=x.device, dtype=torch.float32).expand(B)
+    elif sigma.shape[0] == B and sigma[0].numel() == 1:
+        s = sigma.reshape(B).to(device=x.device, dtype=torch.float32)
+    else:
+        raise ValueError(f"sigma must be a float, a 0-d tensor, or have shape ({B},) or ({B}, 1, ...) "
+                         f"for x with batch size {B}; got shape {tuple(sigma.shape)}")
+    if _checking_values() and s.numel() and not bool(((s > 0) & torch.isfinite(s)).all()):
+        raise ValueError("sigma must be positive and finite in every row")
+    return s.contiguous()
+
+
+def _prepare(x, sigma, ref):
+    """Checks the arguments; returns x as (B, D), sigma as (B,) float32, ref as (N, D)."""
+    _check_tensor("x", x)
+    _check_tensor("ref", ref)
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension: shape (B, *S), got a 0-d tensor")
+    if ref.dim() != x.dim() or ref.shape[1:] != x.shape[1:]:
+        raise ValueError(f"ref must have shape (N, {', '.join(map(str, x.shape[1:]))}) to match x of shape "
+                         f"{tuple(x.shape)}; got {tuple(ref.shape)}")
+    if ref.shape[0] == 0:
+        raise ValueError("ref is empty: the reference batch needs at least one row")
+    if ref.device != x.device:
+        raise ValueError(f"x and ref must be on the same device; x is on {x.device}, ref on {ref.device}")
+    B = x.shape[0]
+    D = math.prod(x.shape[1:])
+    s = _sigma_rows(sigma, B, x)
+    if _checking_values():
+        _check_finite("x", x)
+        _check_finite("ref", ref)
+    return x.reshape(B, D).contiguous(), s, ref.reshape(ref.shape[0], D).contiguous()
+
+
+def _check_mode(precision: str, backend: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend != "auto" and backend not in _dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + _dispatch.BACKENDS}, got {backend!r}")
+
+
+# ----------------------------------------------------------------------------
+# the custom op
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("fastdiff::stf_target", mutates_args=())
+def _stf_target_op(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor,
+                   precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _, impl = _dispatch.resolve("stf_target", backend, x.device.type)
+    t = torch.empty_like(x)
+    lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    impl(x, sigma, ref, precision, t, lse)
+    return t, lse
+
+
+@_stf_target_op.register_fake
+def _(x, sigma, ref, precision, backend):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "highest",
+               backend: str = "auto", return_lse: bool = False):
+    """Stable Target Field target: the posterior-weighted mean of `ref` given `x`.
+
+    Args:
+        x: noisy samples in VE form, shape (B, *S).
+        sigma: noise level, a float, a 0-d tensor, or per row (B,) or (B, 1, ...).
+        ref: clean reference samples, shape (N, *S), on x's device (the rows
+            that produced x belong in it, as STF requires).
+        precision: "highest" (default) keeps err_i = ||t_i - t64_i|| /
+            (sigma_i sqrt(D)) <= 1e-4 on every row against a float64 oracle.
+            "tf32x3", "tf32", "bf16" are faster GPU modes with looser,
+            documented bounds; the torch and cpu backends always compute at
+            "highest".
+        backend: "auto" (fastest available for x's device), "torch", "cpu",
+            "triton" or "cuda". A named backend that cannot run raises
+            RuntimeError with the reason.
+        return_lse: also return lse_i = logsumexp_k(-||x_i - ref_k||^2 /
+            (2 sigma_i^2)) in float32.
+
+    Returns:
+        t with x's shape and dtype (accumulated in float32), or (t, lse).
+
+    The target is a training target and carries no gradient: the result is
+    computed from detached inputs, by design.
+    """
+    _check_mode(precision, backend)
+    x2, s, r2 = _prepare(x, sigma, ref)
+    if x2.shape[0] == 0:
+        t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
+    else:
+        if not torch.compiler.is_compiling():
+            _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
+        t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
+    t = t.reshape(x.shape)
+    return (t, lse) if return_lse else t
+
+
+def stf_weights(x: torch.Tensor, sigma, ref: torch.Tensor) -> torch.Tensor:
+    """The (B, N) self-normalized weights softmax_k(l_ik), for analysis.
+
+    Computed in float64 in chunks of ref (the float64 expansion is exact to
+    well below float32 resolution for sigma >= 1e-4 at data scale ~1) and
+    returned in float32. Memory is O(B * N), the size of the answer.
+    """
+    x2, s, r2 = _prepare(x, sigma, ref)
+    B, D = x2.shape
+    N = r2.shape[0]
+    x64 = x2.detach().double()
+    inv2s2 = 0.5 / s.double() ** 2
+    xn = (x64 * x64).sum(1)
+    logits = torch.empty(B, N, dtype=torch.float64, device=x2.device)
+    step = chunk_rows(B, N, D, torch.float64)
+    for k0 in range(0, N, step):
+        r64 = r2[k0:k0 + step].detach().double()
+        d = xn[:, None] - 2.0 * (x64 @ r64.T) + (r64 * r64).sum(1)[None, :]
+        logits[:, k0:k0 + step] = -d.clamp_min(0) * inv2s2[:, None]
+    return torch.softmax(logits, dim=1).float()
+
+
+# ----------------------------------------------------------------------------
+# backend: torch
+# ----------------------------------------------------------------------------
+
+def _exact_sqdist(x64: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  D: int) -> torch.Tensor:
+    """||x[rows] - ref[cols]||^2 by direct difference in float64, in memory-bounded pieces."""
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=x64.device)
+    step = max(1, CHUNK_BYTES // (16 * D))
+    for p0 in range(0, rows.shape[0], step):
+        i, k = rows[p0:p0 + step], cols[p0:p0 + step]
+        diff = x64[i] - ref[k].double()
+        out[p0:p0 + step] = (diff * diff).sum(1)
+    return out
+
+
+def _add_flagged(acc64: torch.Tensor, weights: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor) -> None:
+    """acc64[rows] += weights * ref[cols] in float64, in memory-bounded pieces."""
+    D = ref.shape[1]
+    step = max(1, CHUNK_BYTES // (16 * D))
+    for p0 in range(0, rows.shape[0], step):
+        k = cols[p0:p0 + step]
+        acc64.index_add_(0, rows[p0:p0 + step], weights[p0:p0 + step, None] * ref[k].double())
+
+
+def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, precision: str,
+                     t_out: torch.Tensor, lse_out: torch.Tensor) -> None:
+    """Plain-PyTorch backend: chunked over N with an online log-sum-exp.
+
+    Per chunk: one fp32 GEMM for the logits (with an error bound per entry),
+    float64 direct-difference re-evaluation of the entries that bound flags,
+    then an fp32 GEMM of the weights with the chunk. The flagged entries are
+    the heavy ones at small sigma, where fp32 accumulation of sum_k w_k r_k
+    alone would err by sqrt(K) ulps / sigma; they are accumulated in float64.
+    Always "highest".
+    """
+    B, D = x.shape
+    N = ref.shape[0]
+    dev = x.device
+    xf = x.float()
+    x64 = x.double()
+    s64 = sigma.double()
+    inv2s2 = 0.5 / (s64 * s64)                      # (B,)
+    xn = (x64 * x64).sum(1)                          # (B,)
+    xnorm = xn.sqrt()
+    offset = xn * inv2s2                             # l_ik = a_ik * inv2s2 - offset_i
+    step = chunk_rows(B, N, D, ref.dtype)
+
+    rn = torch.empty(N, dtype=torch.float64, device=dev)
+    for k0 in range(0, N, step):
+        rc = ref[k0:k0 + step].double()
+        rn[k0:k0 + step] = (rc * rc).sum(1)
+    rnorm = rn.sqrt()
+    # ||r_k - t_i|| <= 2 max_k ||r_k||: the lever an error in one weight has on t_i.
+    lever = (2.0 * rnorm.max()).clamp_min(1e-30)
+    log_budget = math.log(ERROR_BUDGET) + torch.log(sigma.double() * math.sqrt(D)) - torch.log(lever) \
+        - math.log(N)                                # (B,): per-entry share of the budget
+    gamma = gemm_gamma(D)
+    # Precision note: torch.matmul on CUDA honours allow_tf32; "highest" needs true fp32.
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        m = torch.full((B,), -math.inf, dtype=torch.float64, device=dev)      # running max logit
+        m_low = torch.full((B,), -math.inf, dtype=torch.float64, device=dev)  # lower bound on max logit
+        s = torch.zeros(B, dtype=torch.float64, device=dev)
+        acc = torch.zeros(B, D, dtype=torch.float32, device=dev)
+        acc64 = torch.zeros(B, D, dtype=torch.float64, device=dev)
+        for k0 in range(0, N, step):
+            rc = ref[k0:k0 + step]
+            rcf = rc.float()
+            rn_c, rnorm_c = rn[k0:k0 + step], rnorm[k0:k0 + step]
+            a = 2.0 * (xf @ rcf.T) - rn_c.float()[None, :]                      # fp32, GEMM
+            logit = a.double() * inv2s2[:, None] - offset[:, None]              # fp64 (B, C)
+            err = gamma * (rn_c[None, :] + 2.0 * xnorm[:, None] * rnorm_c[None, :]) * inv2s2[:, None]
+            m_low = torch.maximum(m_low, (logit - err).amax(1))
+            # An unflagged entry moves t_i by at most exp(logit + err - m_low) * expm1(err) * lever.
+            slack = logit + err - m_low[:, None] + torch.log(torch.expm1(err).clamp_min(1e-300))
+            rows, cols = (slack > log_budget[:, None]).nonzero(as_tuple=True)
+            if rows.numel():
+                logit[rows, cols] = -_exact_sqdist(x64, rc, rows, cols, D) * inv2s2[rows]
+            m_new = torch.maximum(m, logit.amax(1))
+            scale = torch.exp(m - m_new)
+            p = torch.exp(logit - m_new[:, None])
+            s = s * scale + p.sum(1)
+            acc64 *= scale[:, None]
+            if rows.numel():
+                _add_flagged(acc64, p[rows, cols], rc, rows, cols)
+                p[rows, cols] = 0.0
+            acc = acc * scale.float()[:, None] + p.float() @ rcf
+            m = m_new
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    t_out.copy_((acc64 + acc.double()) / s[:, None])
+    lse_out.copy_(m + torch.log(s))
+
+
+def stf_target_ext(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, precision: str,
+                   t_out: torch.Tensor, lse_out: torch.Tensor) -> None:
+    """C++ backends (`cpu` in csrc/cpu, `cuda` in csrc/cuda), one op for both devices."""
+    step = chunk_rows(x.shape[0], ref.shape[0], x.shape[1], ref.dtype)
+    torch.ops.fastdiff_ext.stf_target(x, sigma, ref, precision, step, t_out, lse_out)
