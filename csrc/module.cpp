@@ -4,11 +4,9 @@
 // No pybind11: the ops are reached through torch.ops.fastdiff_ext.*.
 #include <Python.h>
 
-extern "C" {
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "fastdiff C++/CUDA kernels (see torch.ops.fastdiff_ext)",
       -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
