@@ -1,1 +1,270 @@
-"""fastdiff.data"""
+"""Datasets for training, held in memory.
+
+`load_dataset(spec, resolution=None)` returns a `Dataset`: images (N, C, H, W)
+stored as uint8 (or float for data that is already scaled), handed out as
+float32 in [-1, 1]; vector data (N, D) as float32. Sources:
+
+    digits            sklearn.datasets.load_digits: 1797 real 8x8 greyscale digits (the default)
+    gmm               vector samples of a Gaussian mixture (fastdiff.diffusion.gmm)
+    DIR or FILE.zip   a folder / zip of PNG/JPEG/... images, all of one size
+    FILE.npz          an array: uint8 images (N, H, W[, C]) / (N, C, H, W), or float data in [-1, 1]
+    CIFAR DIR         a CIFAR-10 python-format directory (data_batch_1 ... data_batch_5)
+
+`Sampler` hands out mini-batch indices in epoch order (a fresh permutation per
+epoch) and the STF reference rows uniformly with replacement, from one
+torch.Generator whose state, with the position in the epoch, is checkpointed.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message names the source and the problem."""
+
+
+class Dataset:
+    def __init__(self, data: torch.Tensor, name: str, xflip: bool = False):
+        self.data = data          # uint8 images, or float32 already in [-1, 1]
+        self.name = name
+        self.xflip = xflip
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.data.ndim == 4
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def to(self, device) -> "Dataset":
+        return Dataset(self.data.to(device), self.name, self.xflip)
+
+    def get(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows idx as float32 in [-1, 1]; flip (bool per row) mirrors images left-right."""
+        x = self.data[idx]
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+        if flip is not None and self.is_image:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+class Sampler:
+    """Mini-batch and reference-row indices, reproducible and resumable.
+
+    Under DDP every rank holds the same generator; rank r takes rows
+    r::world of each global batch, so ranks see disjoint samples, and each rank
+    draws its own reference rows from a rank-offset stream.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1, xflip: bool = False):
+        self.n, self.batch, self.rank, self.world, self.xflip = n, batch, rank, world, xflip
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ref_gen = torch.Generator().manual_seed(seed + 1_000_003 * (rank + 1))
+        self.epoch, self.pos = 0, 0
+        self.perm = torch.randperm(n, generator=self.gen)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(indices, flips) of this rank's next mini-batch."""
+        need = self.batch * self.world
+        parts = []
+        while need > 0:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.perm = torch.randperm(self.n, generator=self.gen)
+            take = min(need, self.n - self.pos)
+            parts.append(self.perm[self.pos:self.pos + take])
+            self.pos += take
+            need -= take
+        idx = torch.cat(parts)[self.rank::self.world]
+        flip = torch.rand(self.batch * self.world, generator=self.gen)[self.rank::self.world] < 0.5 \
+            if self.xflip else None
+        return idx, flip
+
+    def ref_rows(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """m uniform draws with replacement (and their flips: the same augmentation as the batch)."""
+        idx = torch.randint(self.n, (m,), generator=self.ref_gen)
+        flip = torch.rand(m, generator=self.ref_gen) < 0.5 if self.xflip else None
+        return idx, flip
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "ref_gen": self.ref_gen.get_state(), "epoch": self.epoch,
+                "pos": self.pos, "perm": self.perm.clone(), "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise DataError(f"the checkpoint's data sampler covers {state['n']} samples; the data has {self.n}")
+        self.gen.set_state(state["gen"])
+        self.ref_gen.set_state(state["ref_gen"])
+        self.epoch, self.pos, self.perm = state["epoch"], state["pos"], state["perm"].clone()
+
+
+# ----------------------------------------------------------------------------
+# loaders
+# ----------------------------------------------------------------------------
+
+def _resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """Resize uint8 or float (N, C, H, W) images to resolution x resolution (antialiased bilinear)."""
+    if resolution is None or (x.shape[-2] == resolution and x.shape[-1] == resolution):
+        return x
+    is_u8 = x.dtype == torch.uint8
+    y = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8) if is_u8 else y
+
+
+def _load_digits() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+    x = load_digits().images.astype(np.float32)                  # (1797, 8, 8), values 0..16
+    return torch.from_numpy(x / 8.0 - 1.0)[:, None]
+
+
+def _load_gmm() -> torch.Tensor:
+    try:
+        from fastdiff.diffusion import gmm
+    except ImportError as e:
+        raise DataError(f"--data gmm needs fastdiff.diffusion.gmm, which is not available: {e}") from None
+    return gmm.default_dataset()
+
+
+def _decode_images(items, source: str) -> torch.Tensor:
+    from PIL import Image
+    arrays, first = [], None
+    for name, read in items:
+        try:
+            with Image.open(io.BytesIO(read())) as im:
+                im.load()
+                mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+                arr = np.asarray(im.convert(mode))
+        except Exception as e:
+            raise DataError(f"--data {source}: cannot read image {name!r}: {e}") from None
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if first is None:
+            first = (name, arr.shape)
+        elif arr.shape[:2] != first[1][:2]:
+            raise DataError(f"--data {source}: images of mixed sizes: {first[0]!r} is "
+                            f"{first[1][1]}x{first[1][0]}, {name!r} is {arr.shape[1]}x{arr.shape[0]}; "
+                            f"resize them to one size first")
+        arrays.append(arr)
+    if not arrays:
+        raise DataError(f"--data {source}: no images found (looked for {', '.join(IMAGE_EXTS)})")
+    channels = max(a.shape[2] for a in arrays)
+    arrays = [np.repeat(a, channels, axis=2) if a.shape[2] != channels else a for a in arrays]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _load_folder(path: str) -> torch.Tensor:
+    files = []
+    for root, _, names in os.walk(path):
+        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+    files.sort()
+
+    def reader(f):
+        return lambda: open(f, "rb").read()
+    return _decode_images(((os.path.relpath(f, path), reader(f)) for f in files), path)
+
+
+def _load_zip(path: str) -> torch.Tensor:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"--data {path}: not a readable zip file: {e}") from None
+    with zf:
+        names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_EXTS))
+        return _decode_images(((n, (lambda n=n: zf.read(n))) for n in names), path)
+
+
+def _load_npz(path: str) -> torch.Tensor:
+    try:
+        with np.load(path) as z:
+            keys = list(z.keys())
+            key = next((k for k in ("x", "images", "data", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise DataError(f"--data {path}: cannot tell which array holds the data among {keys}; "
+                                f"name it 'x'")
+            arr = z[key]
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"--data {path}: not a readable .npz file: {e}") from None
+    if arr.ndim not in (2, 3, 4) or arr.shape[0] == 0:
+        raise DataError(f"--data {path}: array {key!r} has shape {arr.shape}; expected (N, D) vectors or "
+                        f"(N, H, W[, C]) / (N, C, H, W) images")
+    if arr.ndim == 2:
+        return torch.from_numpy(arr.astype(np.float32))
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)                           # NHWC -> NCHW
+    x = torch.from_numpy(np.ascontiguousarray(arr))
+    if x.dtype != torch.uint8:
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise DataError(f"--data {path}: the array holds NaN or Inf")
+    return x
+
+
+def _cifar_dir(path: str) -> str | None:
+    for d in (path, os.path.join(path, "cifar-10-batches-py")):
+        if os.path.isfile(os.path.join(d, "data_batch_1")):
+            return d
+    return None
+
+
+def _load_cifar(path: str) -> torch.Tensor:
+    chunks = []
+    for i in range(1, 6):
+        f = os.path.join(path, f"data_batch_{i}")
+        if not os.path.exists(f):
+            if i == 1:
+                raise DataError(f"--data {path}: data_batch_1 missing")
+            break
+        try:
+            with open(f, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        except Exception as e:
+            raise DataError(f"--data {path}: cannot read CIFAR-10 batch {f!r}: {e}") from None
+    return torch.from_numpy(np.concatenate(chunks))
+
+
+def load_dataset(spec: str, resolution: int | None = None, xflip: bool = False) -> Dataset:
+    """Load the data named by spec (see the module docstring); raise DataError naming the problem."""
+    if spec == "digits":
+        x = _load_digits()
+    elif spec == "gmm":
+        x = _load_gmm()
+    elif not os.path.exists(spec):
+        raise DataError(f"--data {spec!r}: no such file or directory (or use 'digits' or 'gmm')")
+    elif os.path.isdir(spec):
+        cifar = _cifar_dir(spec)
+        x = _load_cifar(cifar) if cifar else _load_folder(spec)
+    elif spec.lower().endswith(".zip"):
+        x = _load_zip(spec)
+    elif spec.lower().endswith(".npz"):
+        x = _load_npz(spec)
+    else:
+        raise DataError(f"--data {spec!r}: unsupported file type (expected a folder, .zip or .npz)")
+    if x.ndim == 4:
+        x = _resize(x, resolution)
+    elif resolution is not None:
+        raise DataError(f"--resolution {resolution} given but --data {spec} is vector data of shape {tuple(x.shape[1:])}")
+    if len(x) == 0:
+        raise DataError(f"--data {spec}: the data set is empty")
+    return Dataset(x, spec, xflip=xflip and x.ndim == 4)
+
+
+__all__ = ["Dataset", "DataError", "Sampler", "load_dataset"]

@@ -1,1 +1,6 @@
-"""fastdiff.eval"""
+"""Evaluation: FID (clean-fid's Inception features, or any feature extractor) and a fast proxy FID."""
+from fastdiff.eval.fid import extract, feature_stats, fid, frechet_distance, load_stats, save_stats, write_pngs
+from fastdiff.eval.proxy import ProxyFeatures, digits_labels, train_proxy
+
+__all__ = ["extract", "feature_stats", "fid", "frechet_distance", "load_stats", "save_stats", "write_pngs",
+           "ProxyFeatures", "digits_labels", "train_proxy"]

@@ -1,0 +1,103 @@
+"""Frechet distances between sample sets in some feature space.
+
+`fid(samples, ref, extractor=None)`:
+    samples   (N, C, H, W) float images in [-1, 1]
+    ref       a folder of images, an .npz of precomputed statistics (mu, sigma),
+              or a tensor of reference images in [-1, 1]
+    extractor None for clean-fid's Inception features (the published FID; needs
+              `pip install clean-fid` and its weights download), or any callable
+              images in [-1, 1] -> (N, F) features (e.g. ProxyFeatures).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))  (Heusel et al., 2017)."""
+    import scipy.linalg
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+    covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():
+        # A singular product: regularise as in the reference implementation.
+        eps = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    f = features.detach().double().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+@torch.no_grad()
+def extract(extractor, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([extractor(images[i:i + batch]).float().cpu() for i in range(0, len(images), batch)])
+
+
+def save_stats(path: str, mu, sigma) -> None:
+    np.savez(path, mu=mu, sigma=sigma)
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as z:
+        if "mu" not in z or "sigma" not in z:
+            raise ValueError(f"--fid-ref {path}: expected arrays 'mu' and 'sigma', found {list(z.keys())}")
+        return z["mu"], z["sigma"]
+
+
+def write_pngs(images: torch.Tensor, out_dir: str, start: int = 0) -> None:
+    """Images in [-1, 1] (N, C, H, W) -> out_dir/000000.png ... (greyscale or RGB)."""
+    from PIL import Image
+    os.makedirs(out_dir, exist_ok=True)
+    u8 = (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i, a in enumerate(u8):
+        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(os.path.join(out_dir, f"{start + i:06d}.png"))
+
+
+def _ref_stats(ref, extractor):
+    if isinstance(ref, torch.Tensor):
+        return feature_stats(extract(extractor, ref))
+    if isinstance(ref, str) and ref.endswith(".npz"):
+        return load_stats(ref)
+    if isinstance(ref, str) and os.path.isdir(ref):
+        from fastdiff.data import load_dataset
+        ds = load_dataset(ref)
+        return feature_stats(extract(extractor, ds.get(torch.arange(len(ds)))))
+    raise ValueError(f"--fid-ref must be a folder of images or an .npz of statistics (mu, sigma), got {ref!r}")
+
+
+def _clean_fid(samples: torch.Tensor, ref) -> float:
+    try:
+        from cleanfid import fid as cfid
+    except ImportError:
+        raise RuntimeError("FID with Inception features needs clean-fid: pip install clean-fid "
+                           "(its Inception weights are downloaded on first use)") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        write_pngs(samples, tmp)
+        if isinstance(ref, str) and os.path.isdir(ref):
+            return float(cfid.compute_fid(tmp, ref, mode="clean"))
+        if isinstance(ref, str) and ref.endswith(".npz"):
+            mu2, sigma2 = load_stats(ref)
+            feats = cfid.get_folder_features(tmp, cfid.build_feature_extractor("clean", torch.device(
+                "cuda" if torch.cuda.is_available() else "cpu")), mode="clean")
+            mu1, sigma1 = feature_stats(feats)
+            return frechet_distance(mu1, sigma1, mu2, sigma2)
+        raise ValueError(f"--fid-ref must be a folder of images or an .npz of clean-fid statistics, got {ref!r}")
+
+
+def fid(samples: torch.Tensor, ref, extractor=None) -> float:
+    """FID of samples against ref (see the module docstring)."""
+    if extractor is None:
+        return _clean_fid(samples, ref)
+    mu1, sigma1 = feature_stats(extract(extractor, samples))
+    mu2, sigma2 = _ref_stats(ref, extractor)
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
