@@ -5,7 +5,7 @@ stored as uint8 (or float for data that is already scaled), handed out as
 float32 in [-1, 1]; vector data (N, D) as float32. Sources:
 
     digits            sklearn.datasets.load_digits: 1797 real 8x8 greyscale digits (the default)
-    gmm               vector samples of a Gaussian mixture (fastdiff.diffusion.gmm)
+    gmm               8192 samples of an 8-component ring in 2-D (fastdiff.diffusion.gmm)
     DIR or FILE.zip   a folder / zip of PNG/JPEG/... images, all of one size
     FILE.npz          an array: uint8 images (N, H, W[, C]) / (N, C, H, W), or float data in [-1, 1]
     CIFAR DIR         a CIFAR-10 python-format directory (data_batch_1 ... data_batch_5)
@@ -136,7 +136,8 @@ def _load_gmm() -> torch.Tensor:
         from fastdiff.diffusion import gmm
     except ImportError as e:
         raise DataError(f"--data gmm needs fastdiff.diffusion.gmm, which is not available: {e}") from None
-    return gmm.default_dataset()
+    mix = gmm.GaussianMixture.ring(n_components=8, radius=1.0, std=0.05, dim=2)
+    return mix.sample(8192, generator=torch.Generator().manual_seed(0)).float()
 
 
 def _decode_images(items, source: str) -> torch.Tensor:

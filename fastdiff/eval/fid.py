@@ -16,6 +16,8 @@ import tempfile
 import numpy as np
 import torch
 
+from fastdiff.eval.images import write_pngs
+
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))  (Heusel et al., 2017)."""
@@ -52,15 +54,6 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
         if "mu" not in z or "sigma" not in z:
             raise ValueError(f"--fid-ref {path}: expected arrays 'mu' and 'sigma', found {list(z.keys())}")
         return z["mu"], z["sigma"]
-
-
-def write_pngs(images: torch.Tensor, out_dir: str, start: int = 0) -> None:
-    """Images in [-1, 1] (N, C, H, W) -> out_dir/000000.png ... (greyscale or RGB)."""
-    from PIL import Image
-    os.makedirs(out_dir, exist_ok=True)
-    u8 = (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i, a in enumerate(u8):
-        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(os.path.join(out_dir, f"{start + i:06d}.png"))
 
 
 def _ref_stats(ref, extractor):

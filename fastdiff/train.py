@@ -1,0 +1,496 @@
+"""Train a diffusion model: `python -m fastdiff.train [options]`.
+
+With no options it trains an STF model on the 8x8 digits that ship with
+scikit-learn, on the CPU, in a few minutes, and writes to ./runs/<name>/:
+config.json, metrics.jsonl, checkpoint-*.pt, samples-*.png. At CIFAR-10 scale:
+
+    torchrun --nproc_per_node=8 -m fastdiff.train --data cifar-10-batches-py \\
+        --preset ddpmpp-cifar --batch 64 --ref-size 4096 --kimg 200000 --xflip
+
+Distributed STF. Each rank's reference batch is the concatenation of every
+rank's mini-batch and every rank's uniform draws (all-gathered; no gradient
+flows through the reference), so N = world * ref_size grows with the number of
+GPUs, every row's own clean sample is in it, and the target stays exact. We
+gather rather than shard N with a log-sum-exp combine: the reference rows are
+(N, D) clean images, a few MB for N = 4096 at 32x32, and one all-gather per
+step costs less than an extra collective on the (B, D) partial targets and
+their log-sum-exps, which would sit on the critical path between the target
+and the loss.
+
+The step (network, objective, fused ops, under bf16 autocast when asked) is one
+torch.compile'd function; losses stay on the device and are read every
+--log-every steps, so a step makes no host synchronization.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from fastdiff import checkpoint as ckpt_io
+from fastdiff.data import DataError, Sampler, load_dataset
+from fastdiff.nn import MLP_PRESETS, MODELS, UNET_PRESETS, build_net
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# Options that define the model and the optimization: a checkpoint resumes only
+# under the same values. The rest (length, logging, device, compile) may change.
+IDENTITY = ("data", "resolution", "xflip", "objective", "ref_size", "process", "param", "weighting", "density",
+            "sigma_data", "model", "preset", "batch", "lr", "warmup", "ema", "ema_rampup", "grad_clip",
+            "precision", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastdiff.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--config", default=None, help="YAML or JSON file setting any option below (by its name, e.g. ref_size: 4096); "
+                                     "options given on the command line win")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits", help="digits | gmm | a folder or .zip of images | an .npz array | "
+                                                     "a CIFAR-10 python-format directory")
+    g.add_argument("--resolution", type=int, default=None, help="resize images to this size (default: as stored)")
+    g.add_argument("--xflip", action=argparse.BooleanOptionalAction, default=False,
+                   help="random horizontal flips (applied to the batch and the reference rows alike)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default="stf", choices=["stf", "dsm"], help="Stable Target Field or plain DSM")
+    g.add_argument("--ref-size", type=int, default=1024,
+                   help="STF reference batch per process: the mini-batch plus ref_size - batch uniform draws")
+    g.add_argument("--process", default="edm", help="ve | vp | vp_cosine | edm")
+    g.add_argument("--param", default="edm", help="network parameterization: edm | eps | x0 | v | score")
+    g.add_argument("--weighting", default="edm", help="loss weighting w(lambda), see fastdiff.diffusion")
+    g.add_argument("--density", default="lognormal", help="training noise density p(lambda), incl. adaptive")
+    g.add_argument("--sigma-data", type=float, default=0.5, help="data standard deviation for preconditioning")
+    g = p.add_argument_group("network")
+    g.add_argument("--model", default="unet", choices=list(MODELS), help="U-Net for images, MLP for vectors")
+    g.add_argument("--preset", default="small", help=f"size: {' | '.join(UNET_PRESETS)} (ddpmpp-cifar is EDM's "
+                                                      f"55.7M-parameter DDPM++)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch", type=int, default=128, help="mini-batch per process")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate after warmup")
+    g.add_argument("--warmup", type=int, default=200, help="linear learning-rate warmup, steps")
+    g.add_argument("--steps", type=int, default=2000, help="training steps (ignored if --kimg is given)")
+    g.add_argument("--kimg", type=float, default=None, help="training length in thousands of images (all ranks)")
+    g.add_argument("--ema", type=float, default=500_000, help="EMA half-life in images")
+    g.add_argument("--ema-rampup", type=float, default=0.05,
+                   help="cap the EMA half-life at this fraction of the images seen so far (0: off)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast or plain fp32")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the step (default: on for CUDA, off on CPU)")
+    g.add_argument("--device", default=None, help="cuda | cpu | cuda:1 (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs", help="parent directory of run directories")
+    g.add_argument("--name", default=None, help="run directory name (default: numbered, from data/objective/model)")
+    g.add_argument("--resume", default=None, help="checkpoint file or run directory to continue from")
+    g.add_argument("--log-every", type=int, default=50, help="read losses and write metrics every N steps")
+    g.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: at the end)")
+    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk")
+    g.add_argument("--fid-every", type=int, default=0, help="FID every N steps (0: at the end, -1: never)")
+    g.add_argument("--fid-ref", default="proxy", help="proxy (a small classifier trained on the data) | a folder "
+                                                      "of images or an .npz of clean-fid statistics")
+    g.add_argument("--fid-samples", type=int, default=2000, help="samples per FID evaluation")
+    g.add_argument("--sample-steps", type=int, default=18, help="Heun steps for samples and FID")
+    return p
+
+
+def parse_config(argv=None) -> tuple[dict, set]:
+    """Options as a dict, and the names given explicitly (command line or --config)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = vars(args)
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(probe.parse_args(argv)))
+    if args.config:
+        try:
+            with open(args.config) as f:
+                text = f.read()
+            if args.config.endswith(".json"):
+                file_cfg = json.loads(text)
+            else:
+                import yaml
+                file_cfg = yaml.safe_load(text) or {}
+        except Exception as e:
+            raise ConfigError(f"--config {args.config}: cannot read it: {e}") from None
+        if not isinstance(file_cfg, dict):
+            raise ConfigError(f"--config {args.config}: expected a mapping of option names to values")
+        for key, value in file_cfg.items():
+            k = key.replace("-", "_")
+            if k not in cfg or k == "config":
+                raise ConfigError(f"--config {args.config}: unknown option {key!r}")
+            if k not in explicit:
+                argv_value = [f"--{k.replace('_', '-')}", str(value)]
+                action = next(a for a in parser._actions if a.dest == k)
+                if isinstance(action, argparse.BooleanOptionalAction):
+                    cfg[k] = bool(value)
+                else:
+                    cfg[k] = parser.parse_args(argv_value).__dict__[k] if value is not None else None
+                explicit.add(k)
+    return cfg, explicit
+
+
+def check_config(cfg: dict) -> None:
+    """Stop on values that cannot work, before any data or model is built."""
+    for key in ("batch", "ref_size", "steps", "log_every", "ckpt_every", "fid_samples", "sample_steps", "keep"):
+        if cfg[key] is not None and cfg[key] <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
+    if cfg["objective"] == "stf" and cfg["ref_size"] < cfg["batch"]:
+        raise ConfigError(f"--ref-size {cfg['ref_size']} is smaller than --batch {cfg['batch']}: STF's reference "
+                          f"batch holds the mini-batch itself plus ref_size - batch further samples")
+    presets = UNET_PRESETS if cfg["model"] == "unet" else MLP_PRESETS
+    if cfg["preset"] not in presets:
+        raise ConfigError(f"--preset must be one of {list(presets)} for --model {cfg['model']}, got {cfg['preset']!r}")
+    if cfg["lr"] <= 0 or cfg["ema"] <= 0 or cfg["grad_clip"] < 0 or cfg["warmup"] < 0:
+        raise ConfigError("--lr and --ema must be positive, --grad-clip and --warmup non-negative")
+    if cfg["kimg"] is not None and cfg["kimg"] <= 0:
+        raise ConfigError(f"--kimg must be positive, got {cfg['kimg']}")
+
+
+def _rng_state(device: torch.device, sampler: Sampler) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(), "sampler": sampler.state_dict()}
+
+
+def _set_rng_state(state: dict, device: torch.device, sampler: Sampler) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    sampler.load_state_dict(state["sampler"])
+
+
+def _fault(kind: str) -> int | None:
+    """Test hook: FASTDIFF_FAULT=kill@N (SIGKILL at step N) or nan@N (NaN data at step N)."""
+    spec = os.environ.get("FASTDIFF_FAULT", "")
+    return int(spec.split("@")[1]) if spec.startswith(kind + "@") else None
+
+
+def _compiler_usable() -> bool:
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def _make_objective(cfg: dict):
+    from fastdiff.diffusion import make_objective
+    try:
+        return make_objective(objective=cfg["objective"], process=cfg["process"], param=cfg["param"],
+                              weighting=cfg["weighting"], density=cfg["density"], sigma_data=cfg["sigma_data"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"objective settings (--process {cfg['process']} --param {cfg['param']} --weighting "
+                          f"{cfg['weighting']} --density {cfg['density']}): {e}") from None
+
+
+def _new_run_dir(cfg: dict) -> str:
+    os.makedirs(cfg["out"], exist_ok=True)
+    if cfg["name"]:
+        run_dir = os.path.join(cfg["out"], cfg["name"])
+        if ckpt_io.list_checkpoints(run_dir):
+            raise ConfigError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, "
+                              f"or choose another --name")
+        return run_dir
+    data = os.path.basename(os.path.normpath(cfg["data"])).split(".")[0] or "data"
+    ids = [int(d[:5]) for d in os.listdir(cfg["out"]) if d[:5].isdigit()]
+    return os.path.join(cfg["out"], f"{max(ids, default=-1) + 1:05d}-{data}-{cfg['objective']}-{cfg['model']}"
+                                    f"-{cfg['preset']}")
+
+
+@torch.no_grad()
+def generate(obj, net, shape, n: int, *, seed: int, steps: int, device, batch: int = 500) -> torch.Tensor:
+    """n samples from the EMA network with Heun's sampler; the training RNG is left untouched."""
+    from fastdiff.sampling import sample
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        denoiser = obj.denoiser(net)
+        for i in range(0, n, batch):
+            out.append(sample(denoiser, (min(batch, n - i), *shape), steps=steps, generator=gen, device=device)
+                       .float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def training_loop(cfg: dict, explicit: set) -> str:
+    # ---------------------------------------------------------------- distributed, config, resume
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    resume = None
+    if cfg["resume"]:
+        path = ckpt_io.resolve(cfg["resume"])
+        resume = ckpt_io.load(path)
+        saved = resume["config"]
+        clash = [k for k in IDENTITY if k in explicit and cfg[k] != saved.get(k)]
+        if clash:
+            raise ConfigError(f"checkpoint {path} is from another configuration: " + ", ".join(
+                f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved.get(k)!r})" for k in clash))
+        cfg = {**cfg, **{k: saved[k] for k in IDENTITY}, "resume": cfg["resume"]}
+        run_dir = os.path.dirname(os.path.abspath(path))
+    check_config(cfg)
+    if cfg["compile"] is None:
+        cfg["compile"] = device.type == "cuda"
+    if cfg["compile"] and device.type == "cpu" and not _compiler_usable():
+        warnings.warn("no C++ compiler found for torch.compile on CPU; running the step eagerly")
+        cfg["compile"] = False
+
+    # ---------------------------------------------------------------- data, network, objective
+    dataset = load_dataset(cfg["data"], cfg["resolution"], cfg["xflip"])
+    shape = dataset.shape
+    if cfg["model"] == "unet" and len(shape) == 1:
+        raise ConfigError(f"--data {cfg['data']} is vector data of shape {shape}: use --model mlp")
+    net = build_net(cfg["model"], cfg["preset"], shape)
+    obj = _make_objective(cfg)
+    data_info = {"n": len(dataset), "shape": list(shape)}
+    if resume is not None and resume["data"] != data_info:
+        raise ConfigError(f"the checkpoint was trained on data {resume['data']}, --data {cfg['data']} gives "
+                          f"{data_info}")
+    torch.manual_seed(cfg["seed"] + rank)
+    np.random.seed((cfg["seed"] + rank) % 2 ** 32)
+    random.seed(cfg["seed"] + rank)
+    dataset = dataset.to(device)
+    net.to(device).train()
+    obj.to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
+                           fused=device.type == "cuda")
+    sampler = Sampler(len(dataset), cfg["batch"], cfg["seed"], rank, world, dataset.xflip)
+    images_per_step = cfg["batch"] * world
+    total_steps = math.ceil(cfg["kimg"] * 1000 / images_per_step) if cfg["kimg"] else cfg["steps"]
+    step = 0
+    if resume is not None:
+        net.load_state_dict(resume["net"])
+        ema.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["opt"])
+        obj.load_state_dict(resume["obj"])
+        step = resume["step"]
+        states = resume["rank_states"]
+        if len(states) != world:
+            warnings.warn(f"checkpoint written by {len(states)} processes, resuming with {world}: the data order "
+                          f"and noise continue from fresh streams, not bit for bit")
+            sampler.load_state_dict(states[0]["sampler"])
+        else:
+            _set_rng_state(states[rank], device, sampler)
+        del resume
+    else:
+        run_dir = _new_run_dir(cfg)
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({**cfg, "world_size": world, "total_steps": total_steps, "data_info": data_info}, f, indent=2)
+    ddp_net = net
+    if world > 1:
+        ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda"
+                                                            else None)
+
+    # ---------------------------------------------------------------- the step
+    bf16 = cfg["precision"] == "bf16"
+    stf = cfg["objective"] == "stf"
+    n_extra = cfg["ref_size"] - cfg["batch"] if stf else 0
+
+    def loss_fn(y, extra_ref):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return obj(ddp_net, y, extra_ref)
+
+    compiled = torch.compile(loss_fn, fullgraph=world == 1) if cfg["compile"] else loss_fn
+
+    def next_batch():
+        idx, flip = sampler.next_batch()
+        y = dataset.get(idx.to(device), flip if flip is None else flip.to(device))
+        extra = None
+        if n_extra > 0:
+            ridx, rflip = sampler.ref_rows(n_extra)
+            extra = dataset.get(ridx.to(device), rflip if rflip is None else rflip.to(device))
+        if world > 1 and stf:
+            # Every rank's batch and draws join the reference batch (see the module docstring).
+            ys, extras = [torch.empty_like(y) for _ in range(world)], None
+            torch.distributed.all_gather(ys, y)
+            parts = [ys[r] for r in range(world) if r != rank]
+            if extra is not None:
+                extras = [torch.empty_like(extra) for _ in range(world)]
+                torch.distributed.all_gather(extras, extra)
+                parts += extras
+            extra = torch.cat(parts)
+        return y, extra
+
+    def save_checkpoint():
+        states = [None] * world
+        rs = _rng_state(device, sampler)
+        if world > 1:
+            torch.distributed.all_gather_object(states, rs)
+        else:
+            states = [rs]
+        if rank != 0:
+            return
+        path = os.path.join(run_dir, f"checkpoint-{step:07d}.pt")
+        ckpt_io.save({"config": cfg, "step": step, "data": data_info, "net": net.state_dict(),
+                      "ema": ema.state_dict(), "opt": opt.state_dict(), "obj": obj.state_dict(),
+                      "rank_states": states}, path)
+        for old in ckpt_io.list_checkpoints(run_dir)[:-cfg["keep"]]:
+            os.remove(old)
+        return path
+
+    def evaluate(final: bool):
+        if rank != 0:
+            return
+        samples = generate(obj, ema, shape, 64, seed=cfg["seed"], steps=cfg["sample_steps"], device=device)
+        from fastdiff.eval import save_grid
+        grid = os.path.join(run_dir, f"samples-{step:07d}.png")
+        save_grid(samples, grid)
+        record = {"step": step, "samples": grid}
+        if (final and cfg["fid_every"] == 0) or (cfg["fid_every"] > 0 and step % cfg["fid_every"] == 0) or \
+                (final and cfg["fid_every"] > 0):
+            if dataset.is_image:
+                record[f"fid_{'proxy' if cfg['fid_ref'] == 'proxy' else 'clean'}"] = compute_fid()
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    proxy = {}
+
+    def compute_fid():
+        from fastdiff import eval as fd_eval
+        samples = generate(obj, ema, shape, cfg["fid_samples"], seed=cfg["seed"] + 1, steps=cfg["sample_steps"],
+                           device=device)
+        if cfg["fid_ref"] != "proxy":
+            return fd_eval.fid(samples, cfg["fid_ref"])
+        if "net" not in proxy:
+            with torch.random.fork_rng(devices=[]):
+                real = dataset.get(torch.arange(len(dataset), device=device)).cpu()
+                labels = fd_eval.digits_labels() if cfg["data"] == "digits" else None
+                proxy["net"], proxy["real"] = fd_eval.train_proxy(real, labels, seed=cfg["seed"]), real
+        return fd_eval.fid(samples, proxy["real"], proxy["net"])
+
+    # ---------------------------------------------------------------- the loop
+    resume_cmd = f"python -m fastdiff.train --resume {run_dir}"
+    sample_cmd = f"python -m fastdiff.sample --ckpt {run_dir} --n 50000 --out {os.path.join(run_dir, 'samples')}"
+    log(f"run directory: {run_dir}\n  data {cfg['data']} {len(dataset)} x {shape}, {cfg['objective']} "
+        f"(ref size {cfg['ref_size'] * world if stf else 1}), {cfg['model']}/{cfg['preset']} "
+        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {device}, "
+        f"{'compiled' if cfg['compile'] else 'eager'}, {cfg['precision']}, {world} process(es)\n"
+        f"  resume: {resume_cmd}\n  sample: {sample_cmd}")
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank != 0,
+               smoothing=0.1)
+    loss_sum = torch.zeros((), device=device)
+    n_sum, t_last, last_good = 0, time.perf_counter(), None
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+    kill_at, nan_at = _fault("kill"), _fault("nan")
+    first_call = True
+    while step < total_steps:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        y, extra = next_batch()
+        if step == nan_at:
+            y = y * float("nan")
+        lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
+        for group in opt.param_groups:
+            group["lr"] = lr
+        try:
+            loss, stats = compiled(y, extra)
+        except Exception as e:  # an unusable compiler shows up on the first call
+            if compiled is loss_fn or not first_call:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running the step eagerly")
+            compiled = loss_fn
+            loss, stats = compiled(y, extra)
+        first_call = False
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(net_params, cfg["grad_clip"], foreach=True)
+        opt.step()
+        obj.update_density(stats)
+        step += 1
+        nimg = step * images_per_step
+        halflife = min(cfg["ema"], nimg * cfg["ema_rampup"]) if cfg["ema_rampup"] else cfg["ema"]
+        beta = 0.5 ** (images_per_step / max(halflife, 1e-8))
+        torch._foreach_lerp_(ema_params, net_params, 1 - beta)
+        for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+            b_ema.copy_(b_net)
+        loss_sum += loss.detach().float()
+        n_sum += 1
+        bar.update(1)
+
+        done = step == total_steps
+        if step % cfg["log_every"] == 0 or step % cfg["ckpt_every"] == 0 or done:
+            mean_loss = (loss_sum / n_sum).item()   # the one host sync, every log_every steps
+            if world > 1:
+                t = torch.tensor([mean_loss], device=device)
+                torch.distributed.all_reduce(t)
+                mean_loss = t.item() / world
+            now = time.perf_counter()
+            ips = n_sum * images_per_step / (now - t_last)
+            if not math.isfinite(mean_loss):
+                bar.close()
+                msg = (f"loss became {mean_loss} between steps {step - n_sum} and {step}; stopping. "
+                       + (f"Last good checkpoint: {last_good}" if last_good else "No checkpoint was written.")
+                       + " Lower --lr, raise --warmup or set --grad-clip, then resume from the checkpoint.")
+                raise FloatingPointError(msg)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+            if rank == 0:
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, "kimg": nimg / 1000, "loss": mean_loss, "lr": lr,
+                                        "images_per_s": ips, "time": time.time()}) + "\n")
+            loss_sum.zero_()
+            n_sum, t_last = 0, time.perf_counter()
+        if step % cfg["ckpt_every"] == 0 or done:
+            finite = torch.stack([p.isfinite().all() for p in net_params]).all()
+            if not bool(finite):
+                raise FloatingPointError(f"parameters became non-finite by step {step}; stopping. Last good "
+                                         f"checkpoint: {last_good}")
+            last_good = save_checkpoint() or last_good
+        if (cfg["sample_every"] and step % cfg["sample_every"] == 0) or (cfg["fid_every"] > 0 and
+                                                                         step % cfg["fid_every"] == 0) or done:
+            record = evaluate(final=done)
+            if record:
+                bar.write(f"step {step}: samples {record['samples']}" + "".join(
+                    f", {k} {v:.2f}" for k, v in record.items() if k.startswith("fid")))
+    bar.close()
+    log(f"done: {run_dir}\n  resume: {resume_cmd} --steps N\n  sample: {sample_cmd}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return run_dir
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, explicit = parse_config(argv)
+        training_loop(cfg, explicit)
+    except (ConfigError, DataError, ckpt_io.CheckpointError) as e:
+        print(f"fastdiff.train: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"fastdiff.train: error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
