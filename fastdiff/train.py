@@ -183,7 +183,7 @@ def _set_rng_state(state: dict, device: torch.device, sampler: Sampler) -> None:
 
 
 def _fault(kind: str) -> int | None:
-    """Test hook: FASTDIFF_FAULT=kill@N (SIGKILL at step N) or nan@N (NaN data at step N)."""
+    """Test hook: FASTDIFF_FAULT=kill@N (SIGKILL at step N) or nan@N (NaN loss at step N)."""
     spec = os.environ.get("FASTDIFF_FAULT", "")
     return int(spec.split("@")[1]) if spec.startswith(kind + "@") else None
 
@@ -217,17 +217,33 @@ def _new_run_dir(cfg: dict) -> str:
 
 
 @torch.no_grad()
-def generate(obj, net, shape, n: int, *, seed: int, steps: int, device, batch: int = 500) -> torch.Tensor:
-    """n samples from the EMA network with Heun's sampler; the training RNG is left untouched."""
+def generate(obj, net, shape, n: int, *, seed: int, steps: int, device, batch: int = 500, sampler: str = "heun",
+             progress: bool = False):
+    """Yields batches of samples (on the CPU, in [-1, 1]) from net with fastdiff.sample; the
+    training RNG is left untouched."""
     from fastdiff.sampling import sample
-    gen = torch.Generator().manual_seed(seed)
-    out = []
+    gen = torch.Generator(device).manual_seed(seed)
+    denoiser = obj.denoiser(net)
+    lo, hi = max(getattr(denoiser, "sigma_min", 0.002), 0.002), min(getattr(denoiser, "sigma_max", 80.0), 80.0)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        denoiser = obj.denoiser(net)
         for i in range(0, n, batch):
-            out.append(sample(denoiser, (min(batch, n - i), *shape), steps=steps, generator=gen, device=device)
-                       .float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+            yield sample(denoiser, (min(batch, n - i), *shape), sampler=sampler, steps=steps, sigma_min=lo,
+                         sigma_max=hi, generator=gen, device=device, progress=progress).float().clamp(-1, 1).cpu()
+
+
+def load_for_sampling(path: str, device) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """(config, EMA network, objective) from a checkpoint file or run directory."""
+    path = ckpt_io.resolve(path)
+    state = ckpt_io.load(path)
+    cfg = state["config"]
+    net = build_net(cfg["model"], cfg["preset"], tuple(state["data"]["shape"]))
+    obj = _make_objective(cfg)
+    try:
+        net.load_state_dict(state["ema"])
+        obj.load_state_dict(state["obj"])
+    except (RuntimeError, KeyError) as e:
+        raise ckpt_io.CheckpointError(f"{path} does not match its own configuration: {e}") from None
+    return cfg, net.to(device).eval().requires_grad_(False), obj.to(device)
 
 
 def training_loop(cfg: dict, explicit: set) -> str:
@@ -251,7 +267,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
         if clash:
             raise ConfigError(f"checkpoint {path} is from another configuration: " + ", ".join(
                 f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved.get(k)!r})" for k in clash))
-        cfg = {**cfg, **{k: saved[k] for k in IDENTITY}, "resume": cfg["resume"]}
+        # Options not given again continue as saved (the run's length included).
+        cfg = {**cfg, **{k: v for k, v in saved.items() if k in cfg and k not in explicit and k != "resume"}}
         run_dir = os.path.dirname(os.path.abspath(path))
     check_config(cfg)
     if cfg["compile"] is None:
@@ -265,7 +282,10 @@ def training_loop(cfg: dict, explicit: set) -> str:
     shape = dataset.shape
     if cfg["model"] == "unet" and len(shape) == 1:
         raise ConfigError(f"--data {cfg['data']} is vector data of shape {shape}: use --model mlp")
-    net = build_net(cfg["model"], cfg["preset"], shape)
+    try:
+        net = build_net(cfg["model"], cfg["preset"], shape)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     obj = _make_objective(cfg)
     data_info = {"n": len(dataset), "shape": list(shape)}
     if resume is not None and resume["data"] != data_info:
@@ -278,7 +298,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
     net.to(device).train()
     obj.to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
+    train_params = list(net.parameters()) + list(obj.parameters())    # obj: a learned weighting, if any
+    opt = torch.optim.Adam(train_params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
                            fused=device.type == "cuda")
     sampler = Sampler(len(dataset), cfg["batch"], cfg["seed"], rank, world, dataset.xflip)
     images_per_step = cfg["batch"] * world
@@ -346,6 +367,18 @@ def training_loop(cfg: dict, explicit: set) -> str:
             torch.distributed.all_gather_object(states, rs)
         else:
             states = [rs]
+        if world > 1:
+            # The ranks must hold identical parameters; record (and check) one checksum per rank.
+            flat = torch.cat([p.detach().double().flatten() for p in net_params])
+            mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device, dtype=flat.dtype)
+                                             .remainder(7.0)).sum()])
+            sums = [torch.empty_like(mine) for _ in range(world)]
+            torch.distributed.all_gather(sums, mine)
+            if rank == 0:
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, "rank_param_checksums": [x.tolist() for x in sums]}) + "\n")
+            if any(not torch.equal(x, sums[0]) for x in sums):
+                raise RuntimeError(f"ranks out of sync at step {step}: parameter checksums {[x.tolist() for x in sums]}")
         if rank != 0:
             return
         path = os.path.join(run_dir, f"checkpoint-{step:07d}.pt")
@@ -359,7 +392,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
     def evaluate(final: bool):
         if rank != 0:
             return
-        samples = generate(obj, ema, shape, 64, seed=cfg["seed"], steps=cfg["sample_steps"], device=device)
+        samples = torch.cat(list(generate(obj, ema, shape, 64, seed=cfg["seed"], steps=cfg["sample_steps"],
+                                          device=device)))
         from fastdiff.eval import save_grid
         grid = os.path.join(run_dir, f"samples-{step:07d}.png")
         save_grid(samples, grid)
@@ -376,8 +410,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
 
     def compute_fid():
         from fastdiff import eval as fd_eval
-        samples = generate(obj, ema, shape, cfg["fid_samples"], seed=cfg["seed"] + 1, steps=cfg["sample_steps"],
-                           device=device)
+        samples = torch.cat(list(generate(obj, ema, shape, cfg["fid_samples"], seed=cfg["seed"] + 1,
+                                          steps=cfg["sample_steps"], device=device)))
         if cfg["fid_ref"] != "proxy":
             return fd_eval.fid(samples, cfg["fid_ref"])
         if "net" not in proxy:
@@ -401,14 +435,13 @@ def training_loop(cfg: dict, explicit: set) -> str:
     loss_sum = torch.zeros((), device=device)
     n_sum, t_last, last_good = 0, time.perf_counter(), None
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
+    obj_params = list(obj.parameters())
     kill_at, nan_at = _fault("kill"), _fault("nan")
     first_call = True
     while step < total_steps:
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         y, extra = next_batch()
-        if step == nan_at:
-            y = y * float("nan")
         lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
         for group in opt.param_groups:
             group["lr"] = lr
@@ -421,10 +454,17 @@ def training_loop(cfg: dict, explicit: set) -> str:
             compiled = loss_fn
             loss, stats = compiled(y, extra)
         first_call = False
+        if step == nan_at:
+            loss = loss * float("nan")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1 and obj_params:     # DDP averages the network's gradients, not the objective's
+            for p in obj_params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
         if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(net_params, cfg["grad_clip"], foreach=True)
+            torch.nn.utils.clip_grad_norm_(train_params, cfg["grad_clip"], foreach=True)
         opt.step()
         obj.update_density(stats)
         step += 1
