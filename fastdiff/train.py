@@ -282,6 +282,7 @@ def training_loop(cfg: dict, explicit: set) -> str:
     shape = dataset.shape
     if cfg["model"] == "unet" and len(shape) == 1:
         raise ConfigError(f"--data {cfg['data']} is vector data of shape {shape}: use --model mlp")
+    torch.manual_seed(cfg["seed"])           # the same initial network on every rank
     try:
         net = build_net(cfg["model"], cfg["preset"], shape)
     except ValueError as e:
@@ -291,7 +292,7 @@ def training_loop(cfg: dict, explicit: set) -> str:
     if resume is not None and resume["data"] != data_info:
         raise ConfigError(f"the checkpoint was trained on data {resume['data']}, --data {cfg['data']} gives "
                           f"{data_info}")
-    torch.manual_seed(cfg["seed"] + rank)
+    torch.manual_seed(cfg["seed"] + rank)    # then different noise on every rank
     np.random.seed((cfg["seed"] + rank) % 2 ** 32)
     random.seed(cfg["seed"] + rank)
     dataset = dataset.to(device)
