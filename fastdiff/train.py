@@ -77,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sigma-data", type=float, default=0.5, help="data standard deviation for preconditioning")
     g = p.add_argument_group("network")
     g.add_argument("--model", default="unet", choices=list(MODELS), help="U-Net for images, MLP for vectors")
-    g.add_argument("--preset", default="small", help=f"size: {' | '.join(UNET_PRESETS)} (ddpmpp-cifar is EDM's "
+    g.add_argument("--preset", default="tiny", help=f"size: {' | '.join(UNET_PRESETS)} (ddpmpp-cifar is EDM's "
                                                       f"55.7M-parameter DDPM++)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch", type=int, default=128, help="mini-batch per process")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate after warmup")
     g.add_argument("--warmup", type=int, default=200, help="linear learning-rate warmup, steps")
-    g.add_argument("--steps", type=int, default=2000, help="training steps (ignored if --kimg is given)")
+    g.add_argument("--steps", type=int, default=800, help="training steps (ignored if --kimg is given)")
     g.add_argument("--kimg", type=float, default=None, help="training length in thousands of images (all ranks)")
     g.add_argument("--ema", type=float, default=500_000, help="EMA half-life in images")
     g.add_argument("--ema-rampup", type=float, default=0.05,
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the step (default: on for CUDA, off on CPU)")
     g.add_argument("--device", default=None, help="cuda | cpu | cuda:1 (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, or 1 when the "
+                                                           "machine is already busy: contending threads are slower)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs", help="parent directory of run directories")
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fid-every", type=int, default=0, help="FID every N steps (0: at the end, -1: never)")
     g.add_argument("--fid-ref", default="proxy", help="proxy (a small classifier trained on the data) | a folder "
                                                       "of images or an .npz of clean-fid statistics")
-    g.add_argument("--fid-samples", type=int, default=2000, help="samples per FID evaluation")
+    g.add_argument("--fid-samples", type=int, default=1000, help="samples per FID evaluation")
     g.add_argument("--sample-steps", type=int, default=18, help="Heun steps for samples and FID")
     return p
 
@@ -246,6 +248,49 @@ def load_for_sampling(path: str, device) -> tuple[dict, torch.nn.Module, torch.n
     return cfg, net.to(device).eval().requires_grad_(False), obj.to(device)
 
 
+def make_step(model, obj, opt, *, device, bf16: bool, compile: bool, grad_clip: float, world: int = 1):
+    """step(y, extra_ref, lr) -> (loss, stats): one optimizer step. The forward (network, objective,
+    fused ops, under bf16 autocast if asked) is one torch.compile'd graph; its backward is
+    compiled with it. Nothing here reads a value back to the host."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    obj_params = list(obj.parameters())
+
+    def loss_fn(y, extra_ref):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return obj(model, y, extra_ref)
+
+    fn = {"loss": torch.compile(loss_fn, fullgraph=world == 1) if compile else loss_fn, "first": True}
+
+    def step(y, extra_ref, lr: float, poison: bool = False):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        try:
+            loss, stats = fn["loss"](y, extra_ref)
+        except Exception as e:  # an unusable compiler shows up on the first call
+            if fn["loss"] is loss_fn or not fn["first"]:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); running the step eagerly")
+            fn["loss"] = loss_fn
+            loss, stats = loss_fn(y, extra_ref)
+        fn["first"] = False
+        if poison:                               # test hook, see _fault
+            loss = loss * float("nan")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1 and obj_params:             # DDP averages the network's gradients, not the objective's
+            for p in obj_params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        opt.step()
+        obj.update_density(stats)
+        return loss, stats
+
+    return step
+
+
 def training_loop(cfg: dict, explicit: set) -> str:
     # ---------------------------------------------------------------- distributed, config, resume
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -271,6 +316,12 @@ def training_loop(cfg: dict, explicit: set) -> str:
         cfg = {**cfg, **{k: v for k, v in saved.items() if k in cfg and k not in explicit and k != "resume"}}
         run_dir = os.path.dirname(os.path.abspath(path))
     check_config(cfg)
+    if device.type == "cpu":
+        threads = cfg["threads"]
+        if threads == 0 and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5:
+            threads = 1
+        if threads > 0:
+            torch.set_num_threads(threads)
     if cfg["compile"] is None:
         cfg["compile"] = device.type == "cuda"
     if cfg["compile"] and device.type == "cpu" and not _compiler_usable():
@@ -336,11 +387,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
     stf = cfg["objective"] == "stf"
     n_extra = cfg["ref_size"] - cfg["batch"] if stf else 0
 
-    def loss_fn(y, extra_ref):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return obj(ddp_net, y, extra_ref)
-
-    compiled = torch.compile(loss_fn, fullgraph=world == 1) if cfg["compile"] else loss_fn
+    train_step = make_step(ddp_net, obj, opt, device=device, bf16=bf16, compile=cfg["compile"],
+                           grad_clip=cfg["grad_clip"], world=world)
 
     def next_batch():
         idx, flip = sampler.next_batch()
@@ -419,7 +467,7 @@ def training_loop(cfg: dict, explicit: set) -> str:
             with torch.random.fork_rng(devices=[]):
                 real = dataset.get(torch.arange(len(dataset), device=device)).cpu()
                 labels = fd_eval.digits_labels() if cfg["data"] == "digits" else None
-                proxy["net"], proxy["real"] = fd_eval.train_proxy(real, labels, seed=cfg["seed"]), real
+                proxy["net"], proxy["real"] = fd_eval.train_proxy(real, labels, steps=200, seed=cfg["seed"]), real
         return fd_eval.fid(samples, proxy["real"], proxy["net"])
 
     # ---------------------------------------------------------------- the loop
@@ -428,7 +476,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
     log(f"run directory: {run_dir}\n  data {cfg['data']} {len(dataset)} x {shape}, {cfg['objective']} "
         f"(ref size {cfg['ref_size'] * world if stf else 1}), {cfg['model']}/{cfg['preset']} "
         f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {device}, "
-        f"{'compiled' if cfg['compile'] else 'eager'}, {cfg['precision']}, {world} process(es)\n"
+        f"{'compiled' if cfg['compile'] else 'eager'}, {cfg['precision']}, {world} process(es)"
+        f"{f', {torch.get_num_threads()} thread(s)' if device.type == 'cpu' else ''}\n"
         f"  resume: {resume_cmd}\n  sample: {sample_cmd}")
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank != 0,
@@ -436,38 +485,13 @@ def training_loop(cfg: dict, explicit: set) -> str:
     loss_sum = torch.zeros((), device=device)
     n_sum, t_last, last_good = 0, time.perf_counter(), None
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
-    obj_params = list(obj.parameters())
     kill_at, nan_at = _fault("kill"), _fault("nan")
-    first_call = True
     while step < total_steps:
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         y, extra = next_batch()
         lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
-        for group in opt.param_groups:
-            group["lr"] = lr
-        try:
-            loss, stats = compiled(y, extra)
-        except Exception as e:  # an unusable compiler shows up on the first call
-            if compiled is loss_fn or not first_call:
-                raise
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running the step eagerly")
-            compiled = loss_fn
-            loss, stats = compiled(y, extra)
-        first_call = False
-        if step == nan_at:
-            loss = loss * float("nan")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1 and obj_params:     # DDP averages the network's gradients, not the objective's
-            for p in obj_params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(train_params, cfg["grad_clip"], foreach=True)
-        opt.step()
-        obj.update_density(stats)
+        loss, stats = train_step(y, extra, lr, poison=step == nan_at)
         step += 1
         nimg = step * images_per_step
         halflife = min(cfg["ema"], nimg * cfg["ema_rampup"]) if cfg["ema_rampup"] else cfg["ema"]
