@@ -61,7 +61,8 @@ def test_cli_smoke_and_sample(tmp_path):
     from PIL import Image
     files = sorted(os.listdir(tmp_path / "png"))
     assert files == [f"{i:06d}.png" for i in range(5)]
-    assert Image.open(tmp_path / "png" / files[0]).size == (8, 8)
+    with Image.open(tmp_path / "png" / files[0]) as im:
+        assert im.size == (8, 8)
 
 
 def _states(path):
@@ -331,8 +332,8 @@ def test_fid_plumbing_with_custom_features(tmp_path):
     assert (stored - real).abs().max() <= 1 / 127.5 + 1e-6    # 8-bit round trip
     f_folder = fid(same, str(tmp_path / "ref"), feats)
     save_stats(str(tmp_path / "s.npz"), *feature_stats(feats(stored)))
-    assert fid(same, str(tmp_path / "s.npz"), feats) == pytest.approx(f_folder, rel=1e-9)
-    assert fid(same, stored, feats) == pytest.approx(f_folder, rel=1e-9)
+    assert fid(same, str(tmp_path / "s.npz"), feats) == pytest.approx(f_folder, rel=1e-6)
+    assert fid(same, stored, feats) == pytest.approx(f_folder, rel=1e-6)
     assert fid(shifted, stored, feats) > 5 * f_folder
 
 

@@ -174,7 +174,10 @@ def _load_folder(path: str) -> torch.Tensor:
     files.sort()
 
     def reader(f):
-        return lambda: open(f, "rb").read()
+        def read():
+            with open(f, "rb") as fh:
+                return fh.read()
+        return read
     return _decode_images(((os.path.relpath(f, path), reader(f)) for f in files), path)
 
 

@@ -26,7 +26,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
-    covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # A singular product: regularise as in the reference implementation.
         eps = np.eye(sigma1.shape[0]) * 1e-6
