@@ -358,12 +358,16 @@ def training_loop(cfg: dict, explicit: set) -> str:
     total_steps = math.ceil(cfg["kimg"] * 1000 / images_per_step) if cfg["kimg"] else cfg["steps"]
     step = 0
     if resume is not None:
-        net.load_state_dict(resume["net"])
-        ema.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["opt"])
-        obj.load_state_dict(resume["obj"])
-        step = resume["step"]
-        states = resume["rank_states"]
+        # Into freshly built objects: a failure here stops the run before any step.
+        try:
+            net.load_state_dict(resume["net"])
+            ema.load_state_dict(resume["ema"])
+            opt.load_state_dict(resume["opt"])
+            obj.load_state_dict(resume["obj"])
+            step = resume["step"]
+            states = resume["rank_states"]
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ckpt_io.CheckpointError(f"{cfg['resume']} does not fit this configuration: {e}") from None
         if len(states) != world:
             warnings.warn(f"checkpoint written by {len(states)} processes, resuming with {world}: the data order "
                           f"and noise continue from fresh streams, not bit for bit")
@@ -390,13 +394,19 @@ def training_loop(cfg: dict, explicit: set) -> str:
     train_step = make_step(ddp_net, obj, opt, device=device, bf16=bf16, compile=cfg["compile"],
                            grad_clip=cfg["grad_clip"], world=world)
 
+    def to_device(t):
+        # Pinned + non_blocking: a pageable host-to-device copy would synchronize the stream.
+        if t is None or device.type != "cuda":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+
     def next_batch():
         idx, flip = sampler.next_batch()
-        y = dataset.get(idx.to(device), flip if flip is None else flip.to(device))
+        y = dataset.get(to_device(idx), to_device(flip))
         extra = None
         if n_extra > 0:
             ridx, rflip = sampler.ref_rows(n_extra)
-            extra = dataset.get(ridx.to(device), rflip if rflip is None else rflip.to(device))
+            extra = dataset.get(to_device(ridx), to_device(rflip))
         if world > 1 and stf:
             # Every rank's batch and draws join the reference batch (see the module docstring).
             ys, extras = [torch.empty_like(y) for _ in range(world)], None
@@ -441,7 +451,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
     def evaluate(final: bool):
         if rank != 0:
             return
-        samples = torch.cat(list(generate(obj, ema, shape, 64, seed=cfg["seed"], steps=cfg["sample_steps"],
+        samples = torch.cat(list(generate(obj, ema, shape, 64 if dataset.is_image else 2048, seed=cfg["seed"],
+                                          steps=cfg["sample_steps"],
                                           device=device)))
         from fastdiff.eval import save_grid
         grid = os.path.join(run_dir, f"samples-{step:07d}.png")
