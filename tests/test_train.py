@@ -349,3 +349,49 @@ def test_proxy_features_separate_digits_from_noise():
     x = load_dataset("digits").get(torch.arange(1797))
     net = train_proxy(x, digits_labels(), steps=60)
     assert fid(x[:800], x[800:], net) * 5 < fid(torch.rand(800, 1, 8, 8) * 2 - 1, x[800:], net)
+
+
+# ---------------------------------------------------------------------------- the compiled step
+
+def _tiny_setup(objective="stf"):
+    from fastdiff.diffusion import make_objective
+    from fastdiff.nn import build_net
+    torch.manual_seed(0)
+    net = build_net("unet", "tiny", (1, 8, 8))
+    obj = make_objective(objective=objective)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    y, extra = torch.rand(8, 1, 8, 8) * 2 - 1, torch.rand(24, 1, 8, 8) * 2 - 1
+    return net, obj, opt, y, extra
+
+
+@pytest.mark.parametrize("objective", ["stf", "dsm"])
+def test_step_traces_as_one_graph(objective):
+    net, obj, _, y, extra = _tiny_setup(objective)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda y, e: obj(net, y, e))(y, extra if objective == "stf" else None)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_unusable_compiler_falls_back_to_eager(monkeypatch):
+    from fastdiff.train import make_step
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("InductorError: no working C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net, obj, opt, y, extra = _tiny_setup()
+    step = make_step(net, obj, opt, device=torch.device("cpu"), bf16=False, compile=True, grad_clip=1.0)
+    with pytest.warns(UserWarning, match="running the step eagerly"):
+        loss, stats = step(y, extra, 1e-3)
+    assert torch.isfinite(loss) and stats["per_sample"].shape == (8,)
+    step(y, extra, 1e-3)                          # eager from now on, no second warning
+
+
+def test_bf16_autocast_step_runs_on_cpu():
+    from fastdiff.train import make_step
+    net, obj, opt, y, extra = _tiny_setup()
+    step = make_step(net, obj, opt, device=torch.device("cpu"), bf16=True, compile=False, grad_clip=1.0)
+    loss, _ = step(y, extra, 1e-3)
+    assert torch.isfinite(loss) and all(p.dtype == torch.float32 for p in net.parameters())
