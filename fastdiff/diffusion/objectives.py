@@ -17,7 +17,6 @@ the learned (EDM2) weighting, per-sample loss -> loss / e^u + u.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
