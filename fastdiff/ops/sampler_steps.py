@@ -14,9 +14,15 @@ estimate D and at most one more tensor. Two ops cover them all:
 
 The per-step scalars are Python floats computed by the sampler in float64;
 the kernels compute in the tensors' dtype (float32, or float64), loading every
-input once and writing the output once. The unfused reference is the same
+input once and writing the output once (Triton passes Python floats as fp32,
+so its float64 calls take the torch code). The unfused reference is the same
 formula written as separate PyTorch ops (tests/test_sampling.py runs it in
 float64).
+
+The ops are registered as torch.library custom ops (fastdiff::sampler_affine,
+fastdiff::heun_correct) with fake impls, which torch.compile traces; eager calls
+skip the custom op's Python wrapper and call the backend directly, because the
+wrapper costs more than a step at typical image sizes.
 
 Backend contract (the dispatch table in fastdiff.ops._dispatch):
 
