@@ -51,7 +51,7 @@ def _extensions():
         and cuda_home is not None
         and bool(cuda_sources)
     )
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     if torch.backends.openmp.is_available():
         cxx.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
