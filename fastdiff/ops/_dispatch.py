@@ -38,6 +38,18 @@ TABLE: dict[str, dict[str, str]] = {
         "triton": "fastdiff.kernels.weighted_mse:weighted_mse_triton",
     },
     # Sampler step ops (fastdiff.ops.sampler_steps) are added here by name.
+    "sampler_affine": {
+        "torch": "fastdiff.ops.sampler_steps:sampler_affine_torch",
+        "cpu": "fastdiff.ops.sampler_steps:sampler_affine_ext",
+        "cuda": "fastdiff.ops.sampler_steps:sampler_affine_ext",
+        "triton": "fastdiff.kernels.sampler_steps:sampler_affine_triton",
+    },
+    "heun_correct": {
+        "torch": "fastdiff.ops.sampler_steps:heun_correct_torch",
+        "cpu": "fastdiff.ops.sampler_steps:heun_correct_ext",
+        "cuda": "fastdiff.ops.sampler_steps:heun_correct_ext",
+        "triton": "fastdiff.kernels.sampler_steps:heun_correct_triton",
+    },
 }
 
 # device type -> backends tried by backend="auto", fastest first.
