@@ -1,0 +1,308 @@
+// The Stable Target Field target, C++ CPU backend (`backend="cpu"`).
+//
+// The algorithm is the one of `stf_target_torch` in fastdiff/ops/stf.py, line
+// for line (read that docstring first); this file only fuses its per-entry
+// work into one pass per row and chunk:
+//
+//   per chunk of ref (C rows):
+//     G = x_f32 @ r_f32^T                       (MKL sgemm, at::mm_out)
+//     per row i (at::parallel_for):
+//       a_ik  = 2 G_ik - ||r_k||^2              (fp32, as the torch backend)
+//       l_ik  = a_ik / (2 s_i^2) - ||x_i||^2 / (2 s_i^2)     (float64)
+//       e_ik  = GEMM_GAMMA(D) (||r_k||^2 + 2 ||x_i|| ||r_k||) / (2 s_i^2)
+//       m_low_i = max(m_low_i, max_k (l_ik - e_ik))
+//       flag  l_ik + e_ik - m_low_i + log(expm1(e_ik)) > log_budget_i
+//             -> l_ik = -||x_i - r_k||^2 / (2 s_i^2) by direct difference, float64
+//       online log-sum-exp (float64 m_i, s_i); flagged p_ik accumulated into a
+//       float64 row accumulator, the others written to P (fp32)
+//     acc = acc * scale + P @ r_f32              (MKL sgemm, addmm_)
+//   t_i = (acc64_i + acc_i) / s_i,  lse_i = m_i + log s_i
+//
+// No B x N x D tensor; working memory is the B x C tiles plus one fp32 copy
+// of a chunk of ref when ref is not fp32.
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace fastdiff_ext {
+namespace {
+
+// Keep in sync with fastdiff/ops/stf.py: gemm_gamma(D) and ERROR_BUDGET.
+inline double gemm_gamma(int64_t D) { return std::ldexp(1.0, -24) * (8.0 + 2.0 * std::sqrt((double)D)); }
+constexpr double kErrorBudget = 1e-5;
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// ||x - r||^2 by direct difference in float64 (four partial sums: the loop
+// vectorizes and does not wait on one add chain).
+template <typename R>
+inline double sqdist(const double* x, const R* r, int64_t D) {
+  double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const double v0 = x[d] - static_cast<double>(r[d]), v1 = x[d + 1] - static_cast<double>(r[d + 1]);
+    const double v2 = x[d + 2] - static_cast<double>(r[d + 2]), v3 = x[d + 3] - static_cast<double>(r[d + 3]);
+    a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3;
+  }
+  for (; d < D; ++d) {
+    const double v = x[d] - static_cast<double>(r[d]);
+    a0 += v * v;
+  }
+  return (a0 + a1) + (a2 + a3);
+}
+
+// ||r||^2 in float64, same scheme.
+template <typename R>
+inline double sumsq(const R* r, int64_t D) {
+  double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const double v0 = static_cast<double>(r[d]), v1 = static_cast<double>(r[d + 1]);
+    const double v2 = static_cast<double>(r[d + 2]), v3 = static_cast<double>(r[d + 3]);
+    a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3;
+  }
+  for (; d < D; ++d) {
+    const double v = static_cast<double>(r[d]);
+    a0 += v * v;
+  }
+  return (a0 + a1) + (a2 + a3);
+}
+
+template <typename R>
+inline void axpy(double* y, double a, const R* r, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) y[d] += a * static_cast<double>(r[d]);
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref,
+                const std::string& precision, int64_t chunk, const at::Tensor& t, const at::Tensor& lse) {
+  TORCH_CHECK(precision == "highest" || precision == "tf32x3" || precision == "tf32" || precision == "bf16",
+              "stf_target: unknown precision '", precision, "'");
+  TORCH_CHECK(x.dim() == 2 && ref.dim() == 2 && x.size(1) == ref.size(1),
+              "stf_target: x must be (B, D) and ref (N, D)");
+  TORCH_CHECK(sigma.dim() == 1 && sigma.size(0) == x.size(0) && sigma.scalar_type() == at::kFloat,
+              "stf_target: sigma must be (B,) float32");
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.is_contiguous(),
+              "stf_target: t must be a contiguous (B, D) tensor of x's dtype");
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0) && lse.scalar_type() == at::kFloat &&
+              lse.is_contiguous(), "stf_target: lse must be a contiguous (B,) float32 tensor");
+  TORCH_CHECK(chunk >= 1, "stf_target: chunk must be positive");
+  for (const at::Tensor* p : {&x, &sigma, &ref, &t, &lse})
+    TORCH_CHECK(p->device().is_cpu(), "stf_target (cpu): all tensors must be on the CPU");
+}
+
+// log(expm1(e)), floored like the torch backend's clamp_min(1e-300), and
+// finite for large e (there expm1 overflows but log(expm1(e)) = e + log1p(-exp(-e))).
+inline double log_expm1(double e) {
+  if (e > 40.0) return e + std::log1p(-std::exp(-e));
+  return std::log(std::max(std::expm1(e), 1e-300));
+}
+
+// Exact re-evaluation reads ref rows from the original data when ref is
+// float64, else from the fp32 chunk (exact for fp32/bf16/fp16 data).
+void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, int64_t chunk,
+                     at::Tensor& t, at::Tensor& lse) {
+  const int64_t B = x.size(0), D = x.size(1), N = ref.size(0);
+  const auto f32 = x.options().dtype(at::kFloat);
+  const auto f64 = x.options().dtype(at::kDouble);
+  const bool ref_is_f32 = ref.scalar_type() == at::kFloat;
+  const bool ref_is_f64 = ref.scalar_type() == at::kDouble;
+
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const at::Tensor x64 = x.scalar_type() == at::kDouble ? x : x.to(at::kDouble);
+  const double* X64 = x64.data_ptr<double>();
+  const float* SIG = sigma.data_ptr<float>();
+
+  // ||r_k||^2 once, in float64, from the data as given.
+  std::vector<double> rn(N), rnorm(N);
+  std::vector<float> rnf(N);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "stf_target_rnorm", [&] {
+    const scalar_t* R = ref.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const double acc = sumsq(R + k * D, D);
+        rn[k] = acc;
+        rnorm[k] = std::sqrt(acc);
+        rnf[k] = static_cast<float>(acc);
+      }
+    });
+  });
+  double rnorm_max = 0.0;
+  for (int64_t k = 0; k < N; ++k) rnorm_max = std::max(rnorm_max, rnorm[k]);
+  const double lever = std::max(2.0 * rnorm_max, 1e-30);  // ||r_k - t_i|| <= 2 max ||r||
+  const double rn_max = rnorm_max * rnorm_max;
+
+  // Per-row constants, float64.
+  std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B);
+  const double gamma = gemm_gamma(D);
+  for (int64_t i = 0; i < B; ++i) {
+    const double s = static_cast<double>(SIG[i]);
+    const double xn = sumsq(X64 + i * D, D);
+    inv2s2[i] = 0.5 / (s * s);
+    offset[i] = xn * inv2s2[i];
+    xnorm[i] = std::sqrt(xn);
+    log_budget[i] = std::log(kErrorBudget) + std::log(s * std::sqrt((double)D)) - std::log(lever) -
+                    std::log((double)N);
+  }
+
+  // Running state.
+  std::vector<double> m(B, kNegInf), m_low(B, kNegInf), ssum(B, 0.0);
+  at::Tensor acc = at::zeros({B, D}, f32);
+  std::vector<double> acc64((size_t)(B * D), 0.0);
+  std::vector<char> any64(B, 0);  // whether acc64 row i is nonzero (skip the rescale otherwise)
+
+  // Per-chunk buffers, allocated once and viewed as contiguous (B, c) / (c, D).
+  const int64_t C = std::min(chunk, N);
+  at::Tensor G_buf = at::empty({B * C}, f32);
+  at::Tensor P_buf = at::empty({B * C}, f32);
+  at::Tensor rc_buf = ref_is_f32 ? at::Tensor() : at::empty({C * D}, f32);
+  std::vector<double> L((size_t)(B * C));
+  float* ACC = acc.data_ptr<float>();
+
+  for (int64_t k0 = 0; k0 < N; k0 += C) {
+    const int64_t c = std::min(C, N - k0);
+    const at::Tensor rc = ref.narrow(0, k0, c);
+    at::Tensor rcf;
+    if (ref_is_f32) {
+      rcf = rc;
+    } else {
+      rcf = rc_buf.narrow(0, 0, c * D).view({c, D});
+      rcf.copy_(rc);
+    }
+    at::Tensor G = G_buf.narrow(0, 0, B * c).view({B, c});
+    at::Tensor P = P_buf.narrow(0, 0, B * c).view({B, c});
+    at::mm_out(G, xf, rcf.t());
+    const float* GP = G.data_ptr<float>();
+    float* PP = P.data_ptr<float>();
+    const float* RCF = rcf.data_ptr<float>();
+    const double* RC64 = ref_is_f64 ? ref.data_ptr<double>() + k0 * D : nullptr;
+
+    at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<int64_t> flagged;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* g = GP + i * c;
+        double* l = L.data() + i * c;
+        float* p = PP + i * c;
+        const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
+        const double* rn_c = rn.data() + k0;
+        const double* rnorm_c = rnorm.data() + k0;
+        const float* rnf_c = rnf.data() + k0;
+
+        // Pass 1: GEMM logits and the chunk's lower bound on the max.
+        double low = kNegInf;
+        for (int64_t k = 0; k < c; ++k) {
+          const float a = 2.0f * g[k] - rnf_c[k];
+          const double lk = static_cast<double>(a) * w - off;
+          const double ek = gamma * (rn_c[k] + two_xn * rnorm_c[k]) * w;
+          l[k] = lk;
+          low = std::max(low, lk - ek);
+        }
+        const double mlow = std::max(m_low[i], low);
+        m_low[i] = mlow;
+
+        // Pass 2: flag the entries whose bounded error could move t_i by more
+        // than their share of the budget; re-evaluate them exactly. The slack
+        // grows with e_ik, so the row's largest possible e gives a cheap
+        // reject threshold before the exact test.
+        const double e_max = gamma * (rn_max + two_xn * rnorm_max) * w;
+        const double reject = log_budget[i] + mlow - e_max - log_expm1(e_max);
+        flagged.clear();
+        double mx = kNegInf;
+        for (int64_t k = 0; k < c; ++k) {
+          double lk = l[k];
+          if (lk > reject) {
+            const double ek = gamma * (rn_c[k] + two_xn * rnorm_c[k]) * w;
+            const double slack = lk + ek - mlow + log_expm1(ek);
+            if (slack > log_budget[i]) {
+              lk = RC64 ? -sqdist(X64 + i * D, RC64 + k * D, D) * w
+                        : -sqdist(X64 + i * D, RCF + k * D, D) * w;
+              l[k] = lk;
+              flagged.push_back(k);
+            }
+          }
+          mx = std::max(mx, lk);
+        }
+
+        // Pass 3: online log-sum-exp.
+        const double m_new = std::max(m[i], mx);
+        const double scale = m[i] == kNegInf ? 0.0 : std::exp(m[i] - m_new);
+        double srow = 0.0;
+        for (int64_t k = 0; k < c; ++k) {
+          const double z = l[k] - m_new;
+          // exp underflows to 0 below about -745: skip it.
+          const double pk = z < -746.0 ? 0.0 : std::exp(z);
+          srow += pk;
+          p[k] = static_cast<float>(pk);
+        }
+        ssum[i] = ssum[i] * scale + srow;
+        double* a64 = acc64.data() + i * D;
+        if (any64[i] && scale != 1.0)
+          for (int64_t d = 0; d < D; ++d) a64[d] *= scale;
+        for (int64_t k : flagged) {
+          const double pk = std::exp(l[k] - m_new);
+          if (pk != 0.0) {
+            if (RC64) axpy(a64, pk, RC64 + k * D, D);
+            else axpy(a64, pk, RCF + k * D, D);
+            any64[i] = 1;
+          }
+          p[k] = 0.0f;
+        }
+        float* ai = ACC + i * D;
+        if (scale != 1.0) {
+          const float sf = static_cast<float>(scale);
+          for (int64_t d = 0; d < D; ++d) ai[d] *= sf;
+        }
+        m[i] = m_new;
+      }
+    });
+    acc.addmm_(P, rcf);
+  }
+
+  float* LSE = lse.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "stf_target_out", [&] {
+    scalar_t* T = t.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const double inv = 1.0 / ssum[i];
+        const double* a64 = acc64.data() + i * D;
+        const float* ai = ACC + i * D;
+        scalar_t* ti = T + i * D;
+        for (int64_t d = 0; d < D; ++d)
+          ti[d] = static_cast<scalar_t>((a64[d] + static_cast<double>(ai[d])) * inv);
+        LSE[i] = static_cast<float>(m[i] + std::log(ssum[i]));
+      }
+    });
+  });
+}
+
+void stf_target_cpu(const at::Tensor& x_, const at::Tensor& sigma_, const at::Tensor& ref_,
+                    c10::string_view precision, int64_t chunk, at::Tensor t, at::Tensor lse) {
+  check_args(x_, sigma_, ref_, std::string(precision), chunk, t, lse);
+  if (x_.size(0) == 0) return;
+  TORCH_CHECK(ref_.size(0) > 0, "stf_target: ref is empty");
+  const at::Tensor x = x_.contiguous(), sigma = sigma_.contiguous(), ref = ref_.contiguous();
+  // "highest" is the only mode on CPU: the faster modes are GPU matrix-unit modes.
+  stf_target_impl(x, sigma, ref, chunk, t, lse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
+  m.def("stf_target(Tensor x, Tensor sigma, Tensor ref, str precision, int chunk, "
+        "Tensor(a!) t, Tensor(b!) lse) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) {
+  m.impl("stf_target", &stf_target_cpu);
+}
+
+}  // namespace fastdiff_ext

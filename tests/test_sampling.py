@@ -1,0 +1,405 @@
+"""fastdiff.sample and the fused sampler steps.
+
+- Fused steps (sampler_affine, heun_correct) on every backend against the unfused
+  float64 update, outputs poisoned with NaN; Triton in its interpreter in a subprocess.
+- Deterministic samplers driven by a Gaussian mixture's exact denoiser converge to a
+  DOP853 probability-flow ODE solution (rtol 1e-11) with their order.
+- Stochastic samplers match the mixture's mean, variance and weights within
+  tolerances set by the sample size.
+- Bad arguments raise clear errors.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import _ext
+from fastdiff.diffusion.gmm import GaussianMixture
+from fastdiff.ops import _dispatch
+from fastdiff.ops import sampler_steps as steps_ops
+from fastdiff.sampling import SAMPLERS, sample, sigma_steps
+
+# ----------------------------------------------------------------------------
+# plain-PyTorch float64 references: the unfused updates
+# ----------------------------------------------------------------------------
+
+
+def affine_ref(x, u, v, a, b, c):
+    out = a * x.double() + b * u.double()
+    return out if v is None else out + c * v.double()
+
+
+def heun_ref(x, denoised, x_next, denoised_next, sigma, sigma_next):
+    x, denoised, x_next, denoised_next = (t.double() for t in (x, denoised, x_next, denoised_next))
+    d = (x - denoised) / sigma
+    d_next = (x_next - denoised_next) / sigma_next
+    return x + (sigma_next - sigma) / 2 * (d + d_next)
+
+
+# An update computed in dtype with fp64 scalars errs by at most a few ulps of the
+# largest term it adds up; the bound is per element.
+ULPS = 4
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+
+
+def _assert_within(out, ref, scale, dtype, what):
+    assert out.dtype == dtype, what
+    assert bool(torch.isfinite(out).all()), f"{what}: non-finite output (an element left unwritten?)"
+    err = (out.double() - ref).abs()
+    bound = ULPS * EPS[dtype] * scale + 1e-300
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what}: error {worst:.2f}x the bound {ULPS} ulp x |terms|"
+
+
+def _step_cases():
+    """(a, b, c) triples the samplers produce, plus random ones."""
+    sig = sigma_steps(18, 0.002, 80.0)
+    s, s1 = sig[3], sig[4]
+    r = s1 / s
+    h = math.log(s / s1)
+    return [
+        (r, 1 - r, 0.0),                                      # Euler / DDIM
+        (0.9, 0.1, 0.3),                                      # ancestral, EM
+        (r, -math.expm1(-h) * 1.4, math.expm1(-h) * 0.4),     # DPM-Solver++(2M)
+        (1.0, 37.5, 0.0),                                     # churn noise
+        (-1.7, 2.3e-3, 1.3e4),
+    ]
+
+
+SIZES = [(1,), (7,), (47, 3), (123,), (5, 3, 17, 11)]    # ragged; the last spans several Triton blocks
+
+
+def _inputs(shape, dtype, device, gen):
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 80.0
+    u = torch.randn(shape, generator=gen, dtype=torch.float64)
+    v = torch.randn(shape, generator=gen, dtype=torch.float64) * 1e-3
+    x.view(-1)[0] = 1e30 if dtype == torch.float64 else 3e30  # extreme but finite in both dtypes
+    return [t.to(dtype=dtype, device=device) for t in (x, u, v)]
+
+
+def _backend_device(backend):
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _run_in_triton_interpreter(test: str, keyword: str) -> None:
+    """Runs tests of this file in a subprocess with TRITON_INTERPRET=1 set before triton loads."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test}",
+                        "-k", keyword], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"interpreter run failed:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
+    assert " passed" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: intra-op threads only add synchronization cost (10x on a busy machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _require(backend, op):
+    device = _backend_device(backend)
+    status = _dispatch.backend_status(backend, device, op)
+    if not status.available:
+        pytest.skip(status.reason)
+    return device
+
+
+@pytest.mark.parametrize("backend", _dispatch.BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_fused_steps_match_float64(backend, dtype):
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU: test_fused_steps_triton_interpreter runs this in the Triton interpreter")
+    device = _require(backend, "sampler_affine")
+    _, affine = _dispatch.resolve("sampler_affine", backend, device)
+    _, heun = _dispatch.resolve("heun_correct", backend, device)
+    gen = torch.Generator().manual_seed(0)
+    for shape in SIZES:
+        x, u, v = _inputs(shape, dtype, device, gen)
+        for a, b, c in _step_cases():
+            for vv in (v, None):
+                out = torch.full_like(x, float("nan"))
+                affine(x, u, vv, a, b, c, out)
+                scale = (a * x.double()).abs() + (b * u.double()).abs()
+                if vv is not None:
+                    scale = scale + (c * vv.double()).abs()
+                _assert_within(out, affine_ref(x, u, vv, a, b, c), scale, dtype, f"affine {shape} {a, b, c}")
+                if vv is v and (a, b, c) == _step_cases()[0]:
+                    assert torch.equal(steps_ops.affine_step(x, u, a, b, vv, c, backend=backend), out)
+        x1, d1, _ = _inputs(shape, dtype, device, gen)
+        for sigma, sigma_next in ((80.0, 57.3), (0.0031, 0.002), (1.0, 0.5)):
+            out = torch.full_like(x, float("nan"))
+            heun(x, u, x1, d1, sigma, sigma_next, out)
+            p, q = (sigma_next - sigma) / (2 * sigma), (sigma_next - sigma) / (2 * sigma_next)
+            xd, ud, x1d, d1d = (t.double() for t in (x, u, x1, d1))
+            scale = xd.abs() + abs(p) * (xd.abs() + ud.abs()) + abs(q) * (x1d.abs() + d1d.abs())
+            _assert_within(out, heun_ref(x, u, x1, d1, sigma, sigma_next), scale, dtype, f"heun {shape}")
+            assert torch.equal(steps_ops.heun_correct(x, u, x1, d1, sigma, sigma_next, backend=backend), out)
+
+
+def test_fused_steps_triton_interpreter():
+    if torch.cuda.is_available():
+        pytest.skip("Triton runs on the GPU here (test_fused_steps_match_float64[*-triton])")
+    _run_in_triton_interpreter("test_fused_steps_match_float64", "triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_fused_steps_opcheck(backend):
+    device = _require(backend, "sampler_affine")
+    x, u, v = (torch.randn(3, 5, device=device) for _ in range(3))
+    torch.library.opcheck(steps_ops._sampler_affine_op, (x, u, v, 0.5, 0.25, 2.0, backend))
+    torch.library.opcheck(steps_ops._sampler_affine_op, (x, u, None, 0.5, 0.25, 0.0, backend))
+    torch.library.opcheck(steps_ops._heun_correct_op, (x, u, v, x, 1.0, 0.5, backend))
+
+
+def test_fused_steps_compile():
+    """The custom ops trace under torch.compile (fake impls) and give the eager result."""
+    x, u, v = (torch.randn(4, 6) for _ in range(3))
+
+    def step(x, u, v):
+        return steps_ops.affine_step(x, u, 0.5, 0.25, v, 2.0, backend="torch")
+
+    torch.testing.assert_close(torch.compile(step, backend="eager", fullgraph=True)(x, u, v), step(x, u, v))
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    built_with_cuda = _ext._C is not None and any(
+        _ext.has_kernel(op, "CUDA") for op in ("stf_target", "weighted_mse", "sampler_affine", "heun_correct"))
+    if not built_with_cuda:
+        pytest.skip("the extension was built without CUDA kernels (FASTDIFF_NO_CUDA=1, no nvcc or CPU torch)")
+    assert _ext.has_kernel("sampler_affine", "CUDA")
+    assert _ext.has_kernel("heun_correct", "CUDA")
+
+
+def test_fused_step_argument_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="u must have shape"):
+        steps_ops.affine_step(x, torch.randn(4, 2), 1.0, 1.0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        steps_ops.affine_step(x.half(), x.half(), 1.0, 1.0)
+    with pytest.raises(TypeError, match="x's dtype"):
+        steps_ops.affine_step(x, x.double(), 1.0, 1.0)
+    with pytest.raises(ValueError, match="a must be finite"):
+        steps_ops.affine_step(x, x, float("nan"), 1.0)
+    with pytest.raises(ValueError, match="sigma_next must be positive"):
+        steps_ops.heun_correct(x, x, x, x, 1.0, 0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        steps_ops.affine_step(x, x, 1.0, 1.0, backend="fast")
+
+
+# ----------------------------------------------------------------------------
+# samplers on a Gaussian mixture with its exact denoiser
+# ----------------------------------------------------------------------------
+
+def _mixture() -> GaussianMixture:
+    return GaussianMixture(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+                           torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=torch.float64),
+                           torch.tensor([0.5, 0.4, 0.6], dtype=torch.float64))
+
+
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+ODE_SHAPE, ODE_SEED = (16, 2), 1
+
+
+@pytest.fixture(scope="module")
+def ode_reference():
+    """The probability-flow ODE from sample()'s initial noise, solved by DOP853 (rtol 1e-11), then denoised."""
+    from scipy.integrate import solve_ivp
+
+    gmm = _mixture()
+    x0 = torch.randn(ODE_SHAPE, generator=torch.Generator().manual_seed(ODE_SEED), dtype=torch.float64) * SIGMA_MAX
+
+    def rhs(log_sigma, y):
+        x = torch.from_numpy(y).reshape(ODE_SHAPE)
+        return (x - gmm.denoiser(x, math.exp(log_sigma))).numpy().reshape(-1)
+
+    sol = solve_ivp(rhs, (math.log(SIGMA_MAX), math.log(SIGMA_MIN)), x0.numpy().reshape(-1), method="DOP853",
+                    rtol=1e-11, atol=1e-11)
+    assert sol.success
+    return gmm.denoiser(torch.from_numpy(sol.y[:, -1].copy()).reshape(ODE_SHAPE), SIGMA_MIN)
+
+
+def _ode_error(sampler, intervals, backend="auto", **options):
+    out = sample(_mixture().denoiser, ODE_SHAPE, sampler=sampler, steps=intervals + 1, sigma_min=SIGMA_MIN,
+                 sigma_max=SIGMA_MAX, generator=torch.Generator().manual_seed(ODE_SEED), dtype=torch.float64,
+                 backend=backend, **options)
+    return out
+
+
+@pytest.mark.parametrize("sampler,order,lo,hi", [
+    ("euler", 1, 1.8, 2.2),
+    ("heun", 2, 3.6, 4.8),
+    ("dpmpp_2m", 2, 3.6, 5.2),
+    ("ddim", 1, 1.8, 2.2),      # eta = 0: Euler in VE form
+])
+def test_deterministic_sampler_order(ode_reference, sampler, order, lo, hi):
+    errs = [(_ode_error(sampler, m) - ode_reference).abs().max().item() for m in (16, 32, 64)]
+    ratios = [errs[0] / errs[1], errs[1] / errs[2]]
+    assert all(lo <= r <= hi for r in ratios), f"{sampler}: errors {errs}, ratios {ratios} (order {order})"
+    assert errs[-1] < (0.12 if order == 1 else 0.02)
+
+
+def test_ddim_eta0_is_euler():
+    a = _ode_error("ddim", 12)
+    b = _ode_error("euler", 12)
+    torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-12)
+
+
+def test_samplers_agree_across_backends():
+    """float32 sampling on the auto backend (C++ on CPU when built) matches the torch backend's run."""
+    kw = dict(sampler="heun", steps=33, generator=None, dtype=torch.float32)
+    a = sample(_mixture().denoiser, ODE_SHAPE, backend="torch", **{**kw, "generator": torch.Generator().manual_seed(1)})
+    b = sample(_mixture().denoiser, ODE_SHAPE, backend="auto", **{**kw, "generator": torch.Generator().manual_seed(1)})
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_rk45_matches_reference(ode_reference):
+    out = _ode_error("rk45", 1, rtol=1e-8, atol=1e-8)
+    assert (out - ode_reference).abs().max().item() < 1e-5
+    loose = _ode_error("rk45", 1)
+    assert (loose - ode_reference).abs().max().item() < 1e-2
+
+
+N_SAMPLES = 4000
+Z = 4.5  # tolerance in standard errors of the estimate
+
+
+@pytest.fixture(scope="module")
+def mixture_stats():
+    """Exact mean/variance per dimension and the standard deviation of (y - mean)^2 (for the
+    variance estimate's standard error), from the closed form and one large exact sample."""
+    gmm = _mixture()
+    y = gmm.sample(400_000, generator=torch.Generator().manual_seed(7))
+    mean = gmm.mean
+    var = (gmm.weights[:, None] * (gmm.vars + gmm.means ** 2)).sum(0) - mean ** 2
+    sq_std = ((y - mean) ** 2).std(0)
+    return gmm, mean, var, sq_std
+
+
+@pytest.mark.parametrize("sampler,options", [
+    ("euler_maruyama", {}),
+    ("pc", {"snr": 0.16}),
+    ("ddpm", {}),
+    ("ddim", {"eta": 0.5}),
+    ("heun", {"S_churn": 40.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}),
+    ("dpmpp_2m", {}),
+])
+def test_sampler_matches_mixture(mixture_stats, sampler, options):
+    gmm, mean, var, sq_std = mixture_stats
+    n = N_SAMPLES
+    x = sample(gmm.denoiser, (n, 2), sampler=sampler, steps=96 if sampler != "heun" else 48,
+               generator=torch.Generator().manual_seed(11), dtype=torch.float32, **options).double()
+    std = var.sqrt()
+    assert ((x.mean(0) - mean).abs() <= Z * std / math.sqrt(n)).all(), (x.mean(0), mean)
+    assert ((x.var(0) - var).abs() <= Z * sq_std / math.sqrt(n)).all(), (x.var(0), var)
+    counts = torch.bincount(gmm.posterior(x, 1e-3).argmax(1), minlength=3).double() / n
+    w = gmm.weights
+    assert ((counts - w).abs() <= Z * (w * (1 - w) / n).sqrt()).all(), (counts, w)
+
+
+def test_sampler_collapse_would_fail(mixture_stats):
+    """The moment test has teeth: denoising the initial noise once (a collapsed 'sampler') fails it."""
+    gmm, mean, var, sq_std = mixture_stats
+    x = gmm.denoiser(torch.randn(N_SAMPLES, 2, dtype=torch.float64) * 2.0, 2.0)
+    assert not ((x.var(0) - var).abs() <= Z * sq_std / math.sqrt(N_SAMPLES)).all()
+
+
+# ----------------------------------------------------------------------------
+# behaviour
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_deterministic_given_generator(sampler):
+    gmm = _mixture()
+    run = lambda seed: sample(gmm.denoiser, (8, 2), sampler=sampler, steps=6,  # noqa: E731
+                              generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(3), run(3), run(4)
+    assert a.shape == (8, 2) and a.dtype == torch.float32 and bool(torch.isfinite(a).all())
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_denoiser_gets_sigma_rows_and_progress(capsys):
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append((sigma.shape, sigma.dtype, sigma.device))
+        return x * 0.5
+
+    out = fastdiff.sample(denoiser, (3, 4), steps=4, progress=True, dtype=torch.float64)
+    assert out.shape == (3, 4) and out.dtype == torch.float64
+    assert len(seen) == 2 * 4 - 1  # Heun: two calls per step, one for the last
+    assert all(s == ((3,), torch.float64, torch.device("cpu")) for s in seen)
+
+
+def test_schedules():
+    for schedule in ("edm", "ve", "logsnr", "vp"):
+        s = sigma_steps(10, 0.002, 80.0, 7.0, schedule)
+        assert len(s) == 11 and s[-1] == 0.0
+        assert s[0] == 80.0 and s[-2] == 0.002
+        assert all(a > b for a, b in zip(s, s[1:])), schedule
+    ve = sigma_steps(10, 0.002, 80.0, schedule="ve")
+    logs = [math.log(v) for v in ve[:-1]]
+    assert max(abs((logs[i + 1] - logs[i]) - (logs[1] - logs[0])) for i in range(8)) < 1e-12
+    edm = sigma_steps(10, 0.002, 80.0, 7.0)
+    r = [v ** (1 / 7) for v in edm[:-1]]
+    assert max(abs((r[i + 1] - r[i]) - (r[1] - r[0])) for i in range(8)) < 1e-12
+    assert sigma_steps(1, 0.002, 80.0) == [80.0, 0.0]
+    x = sample(_mixture().denoiser, (4, 2), schedule="vp", steps=5, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(x).all())
+
+
+def test_bad_arguments():
+    gmm = _mixture()
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        sample(gmm.denoiser, (2, 2), steps=0)
+    with pytest.raises(ValueError, match="sigma_min must be < sigma_max"):
+        sample(gmm.denoiser, (2, 2), sigma_min=1.0, sigma_max=1.0)
+    with pytest.raises(ValueError, match="sigma_min must be a positive"):
+        sample(gmm.denoiser, (2, 2), sigma_min=0.0)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sample(gmm.denoiser, (2, 2), sampler="lms")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        sample(gmm.denoiser, (2, 2), schedule="cosine")
+    with pytest.raises(ValueError, match="denoiser returned shape"):
+        sample(lambda x, s: x[:, :1], (2, 2))
+    with pytest.raises(TypeError, match="denoiser must return a tensor"):
+        sample(lambda x, s: 0.0, (2, 2))
+    with pytest.raises(TypeError, match="denoiser must be callable"):
+        sample(None, (2, 2))
+    with pytest.raises(TypeError, match="unknown option"):
+        sample(gmm.denoiser, (2, 2), sampler="euler", S_churn=1.0)
+    with pytest.raises(TypeError, match="dtype must be"):
+        sample(gmm.denoiser, (2, 2), dtype=torch.float16)
+    with pytest.raises(ValueError, match="shape must be"):
+        sample(gmm.denoiser, (2, 0))
+    with pytest.raises(ValueError, match="eta must be a number >= 0"):
+        sample(gmm.denoiser, (2, 2), sampler="ddim", eta=-1.0)
+    with pytest.raises(ValueError, match="snr must be a positive"):
+        sample(gmm.denoiser, (2, 2), sampler="pc", snr=0.0)
+    with pytest.raises(ValueError, match="generator is on"):
+        sample(gmm.denoiser, (2, 2), generator=torch.Generator(), device="meta")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "ddpm", "pc"])
+def test_cuda_sampling_matches_torch_backend(sampler):
+    """On the GPU the auto backend (CUDA kernels, else Triton) reproduces the torch backend's run."""
+    gmm = _mixture().to(device="cuda")
+    run = lambda backend: sample(gmm.denoiser, (64, 2), sampler=sampler, steps=12, dtype=torch.float64,  # noqa: E731
+                                 backend=backend, generator=torch.Generator(device="cuda").manual_seed(0))
+    a, b = run("torch"), run("auto")
+    assert a.device.type == "cuda" and bool(torch.isfinite(a).all())
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
