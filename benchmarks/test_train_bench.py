@@ -11,6 +11,8 @@ ref-size 4096, >= 1.5x faster than the same network trained with the published S
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import pytest
 import torch
@@ -21,15 +23,16 @@ from fastdiff.nn import build_net
 from fastdiff.train import make_step
 
 CUDA = torch.cuda.is_available()
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 def _published_stf_target(x, sigma, ref, **_):
-    """The published STF reference code's formula: a B x N x D tensor of differences."""
+    """fastdiff.stf_target's signature around the published formula (benchmarks/_stf_peers.py)."""
+    from _stf_peers import published
     B = x.shape[0]
-    xf, rf = x.reshape(B, -1).float(), ref.reshape(ref.shape[0], -1).float()
-    s = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1, 1)
-    logits = -((xf[:, None, :] - rf[None, :, :]) ** 2).sum(-1) / (2 * s ** 2)
-    return (torch.softmax(logits, dim=1) @ rf).reshape(x.shape).to(x.dtype)
+    s = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(B)
+    t = published(x.reshape(B, -1).float(), s, ref.reshape(ref.shape[0], -1).float())
+    return t.reshape(x.shape).to(x.dtype)
 
 
 @contextlib.contextmanager
