@@ -395,3 +395,12 @@ def test_bf16_autocast_step_runs_on_cpu():
     step = make_step(net, obj, opt, device=torch.device("cpu"), bf16=True, compile=False, grad_clip=1.0)
     loss, _ = step(y, extra, 1e-3)
     assert torch.isfinite(loss) and all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_importing_the_sample_cli_keeps_fastdiff_sample_callable():
+    import fastdiff
+    import fastdiff.sample  # noqa: F401  (the CLI module of the same name)
+    from fastdiff.diffusion import GaussianMixture
+    gmm = GaussianMixture.ring(dim=2, dtype=torch.float32)
+    x = fastdiff.sample(gmm.denoiser, (5, 2), steps=3, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, 2) and torch.isfinite(x).all()
