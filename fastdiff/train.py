@@ -295,7 +295,12 @@ def training_loop(cfg: dict, explicit: set) -> str:
     # ---------------------------------------------------------------- distributed, config, resume
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ConfigError(f"--device {cfg['device']!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg['device']}: no CUDA device is visible to torch")
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -130,6 +130,7 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     (["--batch", "0"], "--batch must be positive"),
     (["--model", "mlp"], "--model mlp needs vector data"),
     (["--data", "gmm"], "use --model mlp"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
 ])
 def test_bad_input_stops_with_a_message(tmp_path, capsys, args, message):
     assert _run(tmp_path, "--steps", "1", *args) == 2
@@ -404,3 +405,10 @@ def test_importing_the_sample_cli_keeps_fastdiff_sample_callable():
     gmm = GaussianMixture.ring(dim=2, dtype=torch.float32)
     x = fastdiff.sample(gmm.denoiser, (5, 2), steps=3, generator=torch.Generator().manual_seed(0))
     assert x.shape == (5, 2) and torch.isfinite(x).all()
+
+
+def test_kimg_sets_the_length(tmp_path):
+    assert _run(tmp_path, "--kimg", "0.032", "--name", "k") == 0        # 32 images at batch 16
+    saved = json.loads((tmp_path / "runs" / "k" / "config.json").read_text())
+    assert saved["total_steps"] == 2
+    assert os.path.exists(tmp_path / "runs" / "k" / "checkpoint-0000002.pt")
