@@ -412,3 +412,30 @@ def test_kimg_sets_the_length(tmp_path):
     saved = json.loads((tmp_path / "runs" / "k" / "config.json").read_text())
     assert saved["total_steps"] == 2
     assert os.path.exists(tmp_path / "runs" / "k" / "checkpoint-0000002.pt")
+
+
+def test_clean_fid_path_with_a_stand_in_module(tmp_path, monkeypatch):
+    """The clean-fid branch (samples -> PNG folder -> clean-fid features -> Frechet distance), with a
+    stand-in `cleanfid` module: the real one downloads Inception weights."""
+    import types
+    from fastdiff.eval import feature_stats, fid, save_stats
+    feats = _Features(16)
+    calls = []
+
+    def get_folder_features(fdir, model=None, num_workers=12, device=None, mode="clean", **kw):
+        calls.append((fdir, mode))
+        return feats(load_dataset(fdir).get(torch.arange(len(os.listdir(fdir))))).numpy()
+
+    fake = types.SimpleNamespace(build_feature_extractor=lambda mode, device: "inception",
+                                 get_folder_features=get_folder_features,
+                                 compute_fid=lambda a, b, mode, device, num_workers: 1.5)
+    monkeypatch.setitem(sys.modules, "cleanfid", types.SimpleNamespace(fid=fake))
+    monkeypatch.setitem(sys.modules, "cleanfid.fid", fake)
+    gen = torch.Generator().manual_seed(0)
+    real = torch.rand(300, 1, 4, 4, generator=gen) * 2 - 1
+    save_stats(str(tmp_path / "ref.npz"), *feature_stats(feats(real)))
+    got = fid(real, str(tmp_path / "ref.npz"))
+    assert calls and calls[0][1] == "clean"
+    assert got == pytest.approx(0.0, abs=0.05)          # only the 8-bit PNG round trip differs
+    os.makedirs(tmp_path / "folder")
+    assert fid(real, str(tmp_path / "folder")) == 1.5

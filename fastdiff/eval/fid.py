@@ -74,14 +74,15 @@ def _clean_fid(samples: torch.Tensor, ref) -> float:
     except ImportError:
         raise RuntimeError("FID with Inception features needs clean-fid: pip install clean-fid "
                            "(its Inception weights are downloaded on first use)") from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         write_pngs(samples, tmp)
         if isinstance(ref, str) and os.path.isdir(ref):
-            return float(cfid.compute_fid(tmp, ref, mode="clean"))
+            return float(cfid.compute_fid(tmp, ref, mode="clean", device=device, num_workers=0))
         if isinstance(ref, str) and ref.endswith(".npz"):
             mu2, sigma2 = load_stats(ref)
-            feats = cfid.get_folder_features(tmp, cfid.build_feature_extractor("clean", torch.device(
-                "cuda" if torch.cuda.is_available() else "cpu")), mode="clean")
+            model = cfid.build_feature_extractor("clean", device)
+            feats = cfid.get_folder_features(tmp, model, num_workers=0, device=device, mode="clean")
             mu1, sigma1 = feature_stats(feats)
             return frechet_distance(mu1, sigma1, mu2, sigma2)
         raise ValueError(f"--fid-ref must be a folder of images or an .npz of clean-fid statistics, got {ref!r}")
