@@ -5,17 +5,18 @@ scikit-learn, on the CPU, in a few minutes, and writes to ./runs/<name>/:
 config.json, metrics.jsonl, checkpoint-*.pt, samples-*.png. At CIFAR-10 scale:
 
     torchrun --nproc_per_node=8 -m fastdiff.train --data cifar-10-batches-py \\
-        --preset ddpmpp-cifar --batch 64 --ref-size 4096 --kimg 200000 --xflip
+        --preset ddpmpp-cifar --batch 64 --ref-size 512 --kimg 200000 --xflip --precision bf16
 
 Distributed STF. Each rank's reference batch is the concatenation of every
 rank's mini-batch and every rank's uniform draws (all-gathered; no gradient
 flows through the reference), so N = world * ref_size grows with the number of
-GPUs, every row's own clean sample is in it, and the target stays exact. We
-gather rather than shard N with a log-sum-exp combine: the reference rows are
-(N, D) clean images, a few MB for N = 4096 at 32x32, and one all-gather per
-step costs less than an extra collective on the (B, D) partial targets and
-their log-sum-exps, which would sit on the critical path between the target
-and the loss.
+GPUs (8 x 512 = 4096 above, the paper's size), every row's own clean sample is
+in it, and the target stays exact. We gather rather than shard N and combine
+partial log-sum-exps: the gathered rows are clean images, a few MB for
+N = 4096 at 32x32, fetched once per step off the critical path of the
+forward, while sharding would put a collective on the (B, D) partial targets
+between the target and the loss. (A choice by this argument; a multi-GPU
+measurement of both is still to be made.)
 
 The step (network, objective, fused ops, under bf16 autocast when asked) is one
 torch.compile'd function; losses stay on the device and are read every
