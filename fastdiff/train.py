@@ -13,9 +13,10 @@ flows through the reference), so N = world * ref_size grows with the number of
 GPUs (8 x 512 = 4096 above, the paper's size), every row's own clean sample is
 in it, and the target stays exact. We gather rather than shard N and combine
 partial log-sum-exps: the gathered rows are clean images, a few MB for
-N = 4096 at 32x32, fetched once per step off the critical path of the
-forward, while sharding would put a collective on the (B, D) partial targets
-between the target and the loss. (A choice by this argument; a multi-GPU
+N = 4096 at 32x32, fetched by one all-gather per step before the forward and
+independent of the model, while sharding would need a collective on the
+(B, D) partial targets and log-sum-exps inside the step, between the target
+and the loss, and would keep the compiled step from being one local graph. (A choice by this argument; a multi-GPU
 measurement of both is still to be made.)
 
 The step (network, objective, fused ops, under bf16 autocast when asked) is one
