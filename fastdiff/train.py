@@ -320,7 +320,9 @@ def training_loop(cfg: dict, explicit: set) -> str:
             raise ConfigError(f"checkpoint {path} is from another configuration: " + ", ".join(
                 f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved.get(k)!r})" for k in clash))
         # Options not given again continue as saved (the run's length included).
-        cfg = {**cfg, **{k: v for k, v in saved.items() if k in cfg and k not in explicit and k != "resume"}}
+        # Where and how it runs (device, compile, threads) is decided afresh on this machine.
+        keep = set(cfg) - explicit - {"resume", "device", "compile", "threads"}
+        cfg = {**cfg, **{k: v for k, v in saved.items() if k in keep}}
         run_dir = os.path.dirname(os.path.abspath(path))
     check_config(cfg)
     if device.type == "cpu":
