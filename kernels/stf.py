@@ -40,8 +40,9 @@ unless either
   (B) g + e - m_low + log(expm1(e)) <= log_budget: its weight is too small
       for its error to matter (stf_target_torch's rule: <= ERROR_BUDGET / N
       each).
-So the unflagged entries move t_i by at most 2 * ERROR_BUDGET = 2e-5 noise
-units, within the 1e-4 contract. (A) is not in stf_target_torch, which
+So the unflagged entries move t_i by at most ~4 * ERROR_BUDGET = 4e-5 noise
+units (two groups; the renormalization of the weights can double each
+group's share), within the 1e-4 contract. (A) is not in stf_target_torch, which
 re-evaluates everything at large sigma; log(expm1(e)) is evaluated as e for
 e > 20 (stf_target_torch's log(expm1(e)) overflows to +inf past e ~ 709 and
 then flags every entry of the row). m_low is per split: a split sees only its
