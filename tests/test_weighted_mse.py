@@ -215,6 +215,38 @@ def test_autograd_to_pred_only(backend, device, dtype, gen):
     assert target.grad is None and weight.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_saves_only_the_gradient(dtype, gen):
+    # The backward keeps one tensor alive: the gradient, in pred's dtype (not pred, target or weight).
+    pred, target, weight = _inputs((7, 3, 5), (7,), dtype, "cpu", gen)
+    pred.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fastdiff.weighted_mse(pred, target, weight)
+    assert len(saved) == 1
+    assert saved[0].dtype == dtype and saved[0].numel() == pred.numel()
+    _assert_close("saved", saved[0].reshape(pred.shape), reference(pred.detach(), target, weight)[1],
+                  GRAD_TOL[dtype])
+    loss.backward()
+
+
+def test_differentiable_once(gen):
+    # The inputs are not saved, so there is no second derivative: no silent wrong one either.
+    pred, target, weight = _inputs((7, 5), (7,), torch.float64, "cpu", gen)
+    pred.requires_grad_(True)
+    (g,) = torch.autograd.grad(fastdiff.weighted_mse(pred, target, weight), pred, create_graph=True)
+    assert not g.requires_grad
+    s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(s * fastdiff.weighted_mse(pred, target, weight), pred, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
 def test_no_graph_without_pred_grad(gen):
     pred, target, weight = _inputs((7, 5), (7,), torch.float32, "cpu", gen)
     target.requires_grad_(True)
