@@ -14,9 +14,15 @@ estimate D and at most one more tensor. Two ops cover them all:
 
 The per-step scalars are Python floats computed by the sampler in float64;
 the kernels compute in the tensors' dtype (float32, or float64), loading every
-input once and writing the output once. The unfused reference is the same
+input once and writing the output once (Triton passes Python floats as fp32,
+so its float64 calls take the torch code). The unfused reference is the same
 formula written as separate PyTorch ops (tests/test_sampling.py runs it in
 float64).
+
+The ops are registered as torch.library custom ops (fastdiff::sampler_affine,
+fastdiff::heun_correct) with fake impls, which torch.compile traces; eager calls
+skip the custom op's Python wrapper and call the backend directly, because the
+wrapper costs more than a step at typical image sizes.
 
 Backend contract (the dispatch table in fastdiff.ops._dispatch):
 
@@ -28,6 +34,7 @@ one device; the impl writes every element of out.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -63,6 +70,13 @@ def _check_scalar(name: str, v, positive: bool = False) -> float:
     if not math.isfinite(v) or (positive and v <= 0):
         raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, got {v}")
     return v
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(op: str, backend: str, device_type: str):
+    # Availability does not change within a process (TRITON_INTERPRET is read before triton
+    # loads); an unavailable backend raises, and exceptions are not cached.
+    return _dispatch.resolve(op, backend, device_type)[1]
 
 
 def _check_backend(backend: str) -> None:
@@ -112,12 +126,15 @@ def affine_step(x: torch.Tensor, u: torch.Tensor, a: float, b: float, v: torch.T
     if v is not None:
         _check_state("v", v, x)
     a, b, c = _check_scalar("a", a), _check_scalar("b", b), _check_scalar("c", c)
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    if not torch.compiler.is_compiling():
-        _dispatch.resolve("sampler_affine", backend, x.device.type)  # unavailable backends raise here
-    vc = None if v is None else v.contiguous()
-    return _sampler_affine_op(x.contiguous(), u.contiguous(), vc, a, b, c, backend)
+    x, u, v = x.contiguous(), u.contiguous(), None if v is None else v.contiguous()
+    if torch.compiler.is_compiling():
+        return _sampler_affine_op(x, u, v, a, b, c, backend)
+    # Eager: call the backend directly. A step is a few microseconds of work; the custom op's
+    # Python wrapper (there for torch.compile and opcheck) would cost more than the step.
+    out = torch.empty_like(x)
+    if x.numel():
+        _resolve("sampler_affine", backend, x.device.type)(x, u, v, a, b, c, out)
+    return out
 
 
 def heun_correct(x: torch.Tensor, denoised: torch.Tensor, x_next: torch.Tensor,
@@ -130,12 +147,13 @@ def heun_correct(x: torch.Tensor, denoised: torch.Tensor, x_next: torch.Tensor,
         _check_state(name, t, x)
     sigma = _check_scalar("sigma", sigma, positive=True)
     sigma_next = _check_scalar("sigma_next", sigma_next, positive=True)
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    if not torch.compiler.is_compiling():
-        _dispatch.resolve("heun_correct", backend, x.device.type)
-    return _heun_correct_op(x.contiguous(), denoised.contiguous(), x_next.contiguous(),
-                            denoised_next.contiguous(), sigma, sigma_next, backend)
+    args = (x.contiguous(), denoised.contiguous(), x_next.contiguous(), denoised_next.contiguous())
+    if torch.compiler.is_compiling():
+        return _heun_correct_op(*args, sigma, sigma_next, backend)
+    out = torch.empty_like(x)
+    if x.numel():
+        _resolve("heun_correct", backend, x.device.type)(*args, sigma, sigma_next, out)
+    return out
 
 
 # ----------------------------------------------------------------------------

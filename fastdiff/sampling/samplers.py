@@ -30,6 +30,15 @@ def _trange(n: int, progress: bool):
     return trange(n)
 
 
+def _check_option(name: str, value, ok: bool, expected: str) -> None:
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _nonneg(name: str, value) -> None:
+    _check_option(name, value, isinstance(value, (int, float)) and value >= 0, "a number >= 0")
+
+
 def _noise(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
@@ -57,6 +66,8 @@ def reverse_sde_step(x, denoised, sigma: float, sigma_next: float, generator, ba
 def sample_heun(denoise, x, sigmas, *, generator=None, progress=False, backend="auto",
                 S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0):
     """EDM's second-order Heun sampler (Karras et al. 2022, Algorithm 2; deterministic when S_churn = 0)."""
+    for name, v in (("S_churn", S_churn), ("S_min", S_min), ("S_max", S_max), ("S_noise", S_noise)):
+        _nonneg(name, v)
     n = len(sigmas) - 1
     for i in _trange(n, progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -89,6 +100,7 @@ def sample_ddim(denoise, x, sigmas, *, generator=None, progress=False, backend="
     x' = D + sigma_down (x - D)/sigma + sigma_up z, sigma_down = sqrt(sigma'^2 - sigma_up^2).
     eta = 0 is Euler on the probability-flow ODE; eta = 1 is DDPM ancestral sampling.
     """
+    _nonneg("eta", eta)
     for i in _trange(len(sigmas) - 1, progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma)
@@ -124,6 +136,8 @@ def sample_pc(denoise, x, sigmas, *, generator=None, progress=False, backend="au
     eps = 2 (snr ||z|| / ||score||)^2 from batch-mean norms (the paper's rule). Predictor: one
     reverse-SDE step. The step size is a batch statistic, so it costs one host sync per corrector step.
     """
+    _check_option("snr", snr, isinstance(snr, (int, float)) and snr > 0, "a positive number")
+    _check_option("n_corrector", n_corrector, isinstance(n_corrector, int) and n_corrector >= 0, "an integer >= 0")
     for i in _trange(len(sigmas) - 1, progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         for _ in range(n_corrector):
@@ -172,20 +186,26 @@ def sample_rk45(denoise, x, sigmas, *, generator=None, progress=False, backend="
     """
     from scipy.integrate import solve_ivp
 
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        _check_option(name, v, isinstance(v, (int, float)) and v > 0, "a positive number")
     shape, device, dtype = x.shape, x.device, x.dtype
     sigma_end = sigmas[-2]
-    bar = _trange(1, progress)  # one bar tick for the whole solve
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(desc="rk45 denoiser calls")
 
     def rhs(log_sigma, y):
+        if progress:
+            bar.update(1)
         xt = torch.from_numpy(y).to(device=device, dtype=dtype).reshape(shape)
         return (xt - denoise(xt, math.exp(log_sigma))).double().cpu().numpy().reshape(-1)
 
     y0 = x.double().cpu().numpy().reshape(-1)
     sol = solve_ivp(rhs, (math.log(sigmas[0]), math.log(sigma_end)), y0, method=method, rtol=rtol, atol=atol)
+    if progress:
+        bar.close()
     if not sol.success:
         raise RuntimeError(f"sample_rk45: solve_ivp failed: {sol.message}")
-    for _ in bar:
-        pass
     x = torch.from_numpy(sol.y[:, -1].copy()).to(device=device, dtype=dtype).reshape(shape)
     return denoise(x, sigma_end)
 
