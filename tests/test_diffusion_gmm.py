@@ -1,5 +1,4 @@
 """GaussianMixture: closed-form denoiser and score against autograd and Monte Carlo (float64)."""
-import math
 
 import pytest
 import torch

@@ -193,6 +193,8 @@ class CosineInterpolated(Density):
 
     def log_prob(self, lam):
         lam = lam.to(_F64)
+        if self.k == 0:   # plain (shifted) cosine: closed-form inverse
+            return self._logp_tau((2 / math.pi) * torch.atan(torch.exp(-0.5 * (lam - self.a))))
         lo, hi = torch.full_like(lam, self.tau_a), torch.full_like(lam, self.tau_b)
         for _ in range(64):
             mid = 0.5 * (lo + hi)

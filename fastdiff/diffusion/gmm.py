@@ -117,7 +117,10 @@ class GaussianMixture:
     def sample(self, n: int, generator: torch.Generator | None = None, sigma: float = 0.0,
                return_components: bool = False):
         """n samples of shape (n, *shape); with sigma > 0, samples of the noisy marginal."""
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        if n == 0:
+            k = torch.zeros(0, dtype=torch.long, device=self.means.device)
+        else:
+            k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype, device=self.means.device)
         x = self.means[k] + (self.vars[k] + sigma ** 2).sqrt() * z
         x = x.reshape(n, *self.shape)

@@ -17,13 +17,11 @@ the learned (EDM2) weighting, per-sample loss -> loss / e^u + u.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 import fastdiff
-from fastdiff.diffusion.density import Density, histogram, get_density
+from fastdiff.diffusion.density import Density, get_density, histogram
 from fastdiff.diffusion.parameterization import get_parameterization
 from fastdiff.diffusion.processes import _bcast, get_process
 from fastdiff.diffusion.weighting import get_weighting

@@ -84,8 +84,9 @@ class Process:
     def _set_range(self):
         self.lam_max = float(self.lam(_t(self.t_min)))
         self.lam_min = float(self.lam(_t(self.t_max)))
-        self.sigma_min = math.exp(-0.5 * self.lam_max)
-        self.sigma_max = math.exp(-0.5 * self.lam_min)
+        # the user's sigma_min/sigma_max exactly where a subclass was given them
+        self.sigma_min, self.sigma_max = getattr(self, "_sigma_range", (math.exp(-0.5 * self.lam_max),
+                                                                         math.exp(-0.5 * self.lam_min)))
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, sigma_ve in [{self.sigma_min:.4g}, {self.sigma_max:.4g}])"
@@ -173,6 +174,7 @@ class VEProcess(Process):
         if not (0 < sigma_min < sigma_max < math.inf):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self._smin, self._smax = float(sigma_min), float(sigma_max)
+        self._sigma_range = (self._smin, self._smax)
         self._logr = math.log(sigma_max / sigma_min)
         super().__init__(t_min=0.0, t_max=1.0)
 
@@ -245,6 +247,7 @@ class CosineProcess(Process):
         if not (0 < sigma_min < sigma_max < math.inf) or not shift > 0:
             raise ValueError(f"need 0 < sigma_min < sigma_max and shift > 0, got {sigma_min}, {sigma_max}, {shift}")
         self.shift = float(shift)
+        self._sigma_range = (float(sigma_min), float(sigma_max))
         self._logshift = math.log(shift)
         t_min = float(self._t_of_lambda(torch.tensor(-2 * math.log(sigma_min), dtype=torch.float64)))
         t_max = float(self._t_of_lambda(torch.tensor(-2 * math.log(sigma_max), dtype=torch.float64)))
@@ -279,6 +282,7 @@ class EDMProcess(Process):
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.sigma_data = float(sigma_data)
+        self._sigma_range = (float(sigma_min), float(sigma_max))
         super().__init__(t_min=sigma_min, t_max=sigma_max)
 
     def sigma(self, t):

@@ -11,7 +11,8 @@ of the log-SNR lam = -2 log sigma_ve alone. With w non-increasing in lam
   "elbo"/"uniform"  w = 1                                          monotone
   "edm"             w = N(lam; -2 P_mean, (2 P_std)^2) (e^-lam + sd^2) / sd^2
                     (EDM's lambda(sigma) and log-normal p(sigma) as one weighting)
-  "snr"             w = e^lam (the unweighted x0-loss)
+  "snr"             w = e^lam = SNR (as a weighting of the eps-loss)
+  "x0_mse"          w = e^-lam = 1/SNR: the unweighted x0-loss ||x0_hat - x0||^2       monotone
   "min_snr"         w = min(1, gamma e^-lam) (Hang et al. 2023, on the eps-loss)   monotone
   "soft_min_snr"    w = gamma / (gamma + e^lam) (Crowson et al. 2024; gamma = 1/sd^2
                     reproduces k-diffusion's soft-min-snr on EDM's preconditioned loss)   monotone
@@ -104,6 +105,13 @@ class SNRWeighting(Weighting):
         return torch.exp(lam)
 
 
+class X0MSEWeighting(Weighting):
+    name, is_monotone = "x0_mse", True
+
+    def w(self, lam):
+        return torch.exp(-lam)
+
+
 class MinSNRWeighting(Weighting):
     name, is_monotone = "min_snr", True
 
@@ -174,7 +182,7 @@ class LearnedWeighting(Weighting):
 
 
 WEIGHTINGS = {
-    "elbo": ELBOWeighting, "uniform": ELBOWeighting, "edm": EDMWeighting, "snr": SNRWeighting,
+    "elbo": ELBOWeighting, "uniform": ELBOWeighting, "edm": EDMWeighting, "snr": SNRWeighting, "x0_mse": X0MSEWeighting,
     "min_snr": MinSNRWeighting, "soft_min_snr": SoftMinSNRWeighting, "sigmoid": SigmoidWeighting,
     "edm_monotone": EDMMonotoneWeighting, "learned": LearnedWeighting,
 }
