@@ -51,9 +51,34 @@ def gemm_gamma(D: int) -> float:
     return 2.0 ** -24 * (8.0 + 2.0 * math.sqrt(D))
 
 
-# The unflagged entries together may move the target by at most this much, in
-# units of sigma_i sqrt(D); the contract is 1e-4.
+# The unflagged entries together may move the target by at most a few times
+# this much, in units of sigma_i sqrt(D); the contract is 1e-4.
 ERROR_BUDGET = 1e-5
+
+
+# The flag rule, shared by every backend (csrc/ and kernels/ mirror it). With
+# e the bound on an entry's logit error, lever = 2 max_k ||r_k|| >= ||r_k - t_i||
+# and budget = ERROR_BUDGET * sigma_i sqrt(D), an entry keeps its GEMM logit if
+#   (A) expm1(e) * lever <= budget: its error is small at any weight (the
+#       weights of all such entries sum to <= 1), or
+#   (B) exp(l + e - m_low) * expm1(e) * lever <= budget / N: its weight is too
+#       small for its error to matter (m_low: a lower bound on the row's max);
+# every other entry is re-evaluated exactly. Both groups together move t_i by
+# at most ~4 * ERROR_BUDGET (the renormalization can double each share).
+def log_expm1(e: torch.Tensor) -> torch.Tensor:
+    """log(expm1(e)) for e >= 0, finite for large e (where expm1 overflows)."""
+    return torch.where(e > 20.0, e + torch.log1p(-torch.exp(-e)), torch.log(torch.expm1(e).clamp_min(1e-300)))
+
+
+def flag_entries(logit, err, m_low, log_budget_row, N: int):
+    """Boolean (B, C): the entries that need exact re-evaluation (rules A and B above).
+
+    log_budget_row is log(ERROR_BUDGET * sigma_i sqrt(D) / lever), per row.
+    """
+    lem1 = log_expm1(err)
+    rule_a = lem1 <= log_budget_row[:, None]
+    rule_b = logit + err - m_low[:, None] + lem1 <= log_budget_row[:, None] - math.log(N)
+    return ~(rule_a | rule_b)
 
 
 def chunk_rows(B: int, N: int, D: int, ref_dtype: torch.dtype) -> int:
@@ -276,8 +301,7 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
     rnorm = rn.sqrt()
     # ||r_k - t_i|| <= 2 max_k ||r_k||: the lever an error in one weight has on t_i.
     lever = (2.0 * rnorm.max()).clamp_min(1e-30)
-    log_budget = math.log(ERROR_BUDGET) + torch.log(sigma.double() * math.sqrt(D)) - torch.log(lever) \
-        - math.log(N)                                # (B,): per-entry share of the budget
+    log_budget = math.log(ERROR_BUDGET) + torch.log(sigma.double() * math.sqrt(D)) - torch.log(lever)
     gamma = gemm_gamma(D)
     # Precision note: torch.matmul on CUDA honours allow_tf32; "highest" needs true fp32.
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -296,9 +320,7 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
             logit = a.double() * inv2s2[:, None] - offset[:, None]              # fp64 (B, C)
             err = gamma * (rn_c[None, :] + 2.0 * xnorm[:, None] * rnorm_c[None, :]) * inv2s2[:, None]
             m_low = torch.maximum(m_low, (logit - err).amax(1))
-            # An unflagged entry moves t_i by at most exp(logit + err - m_low) * expm1(err) * lever.
-            slack = logit + err - m_low[:, None] + torch.log(torch.expm1(err).clamp_min(1e-300))
-            rows, cols = (slack > log_budget[:, None]).nonzero(as_tuple=True)
+            rows, cols = flag_entries(logit, err, m_low, log_budget, N).nonzero(as_tuple=True)
             if rows.numel():
                 logit[rows, cols] = -_exact_sqdist(x64, rc, rows, cols, D) * inv2s2[rows]
             m_new = torch.maximum(m, logit.amax(1))
