@@ -118,7 +118,7 @@ class Objective(nn.Module):
             u = self.weighting.logvar(lam64.to(torch.float32))
             weight64 = weight64 * torch.exp(-u.detach().to(torch.float64))
         weight = weight64.to(sdt)
-        loss = fastdiff.weighted_mse(F, F_target.to(F.dtype), weight, backend=self.loss_backend)
+        loss = fastdiff.weighted_mse(F, F_target, weight, backend=self.loss_backend)
         with torch.no_grad():
             mse = (F.detach().to(sdt) - F_target.to(sdt)).pow(2).flatten(1).mean(1)
             per_sample = weight * mse
