@@ -368,6 +368,18 @@ def test_bad_input(case, exc, match):
         fastdiff.stf_target(x, s, ref, **kw)
 
 
+@pytest.mark.parametrize("where", ["x", "ref"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_data_raises_on_every_backend(backend, where, value, dtype):
+    # The cpu backend checks its data itself (from its float64 row norms),
+    # the others in Python: both must name the argument.
+    x, s, ref = torch.rand(3, 40, dtype=dtype), torch.full((3,), 0.5), torch.rand(9, 40, dtype=dtype)
+    (x if where == "x" else ref)[-1, 17] = value
+    with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+        fastdiff.stf_target(x, s, ref, backend=backend)
+
+
 def test_unavailable_backend_by_name_raises():
     x, s, ref = _ok()
     # The cuda backend never runs on CPU tensors, GPU or not.

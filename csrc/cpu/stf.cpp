@@ -100,6 +100,20 @@ void check_args(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& 
     TORCH_CHECK(p->device().is_cpu(), "stf_target (cpu): all tensors must be on the CPU");
 }
 
+// Raises ValueError naming `name` if a row whose float64 norm is not finite
+// holds a NaN or Inf.
+void check_finite_rows(const at::Tensor& a, const std::vector<double>& norms, const char* name) {
+  const int64_t D = a.size(1);
+  for (int64_t k = 0; k < (int64_t)norms.size(); ++k) {
+    if (std::isfinite(norms[k])) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "stf_check_finite", [&] {
+      const scalar_t* row = a.data_ptr<scalar_t>() + k * D;
+      for (int64_t d = 0; d < D; ++d)
+        TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(row[d])), name, " contains NaN or Inf (row ", k, ")");
+    });
+  }
+}
+
 // log(expm1(e)), floored like the torch backend's clamp_min(1e-300), and
 // finite for large e (there expm1 overflows but log(expm1(e)) = e + log1p(-exp(-e))).
 inline double log_expm1(double e) {
@@ -136,23 +150,30 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
       }
     });
   });
+  // NaN/Inf in the data shows in its float64 norms; the Python side leaves
+  // this check to the kernel (fastdiff/ops/stf.py, _CHECKS_DATA). A norm can
+  // also overflow for finite float64 data beyond 1e154: check the elements.
+  check_finite_rows(ref, rn, "ref");
   double rnorm_max = 0.0;
   for (int64_t k = 0; k < N; ++k) rnorm_max = std::max(rnorm_max, rnorm[k]);
   const double lever = std::max(2.0 * rnorm_max, 1e-30);  // ||r_k - t_i|| <= 2 max ||r||
   const double rn_max = rnorm_max * rnorm_max;
 
   // Per-row constants, float64.
-  std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B);
+  std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B), xnsq(B);
   const double gamma = gemm_gamma(D);
   for (int64_t i = 0; i < B; ++i) {
     const double s = static_cast<double>(SIG[i]);
     const double xn = sumsq(X64 + i * D, D);
+    xnsq[i] = xn;
     inv2s2[i] = 0.5 / (s * s);
     offset[i] = xn * inv2s2[i];
     xnorm[i] = std::sqrt(xn);
     log_budget[i] = std::log(kErrorBudget) + std::log(s * std::sqrt((double)D)) - std::log(lever) -
                     std::log((double)N);
   }
+
+  check_finite_rows(x, xnsq, "x");
 
   // Running state.
   std::vector<double> m(B, kNegInf), m_low(B, kNegInf), ssum(B, 0.0);
