@@ -93,8 +93,9 @@ def _rounds(peer: str, B: int, N: int, D: int) -> int:
     return 10 if N <= 2048 else 5
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-N{}-D{}".format(*s))
+# Size outermost, so that a group's peers run one after another.
 @pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-N{}-D{}".format(*s))
 def test_stf_target(benchmark, peer, size):
     B, N, D = size
     why = _skip_reason(peer, B, N, D)
