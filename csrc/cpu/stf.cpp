@@ -26,7 +26,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -127,27 +126,38 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
                      at::Tensor& t, at::Tensor& lse) {
   const int64_t B = x.size(0), D = x.size(1), N = ref.size(0);
   const auto f32 = x.options().dtype(at::kFloat);
-  const auto f64 = x.options().dtype(at::kDouble);
   const bool ref_is_f32 = ref.scalar_type() == at::kFloat;
   const bool ref_is_f64 = ref.scalar_type() == at::kDouble;
 
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  const at::Tensor x64 = x.scalar_type() == at::kDouble ? x : x.to(at::kDouble);
-  const double* X64 = x64.data_ptr<double>();
   const float* SIG = sigma.data_ptr<float>();
 
-  // ||r_k||^2 once, in float64, from the data as given.
-  std::vector<double> rn(N), rnorm(N);
+  // One parallel pass over the data: ||r_k||^2 in float64 from ref as given,
+  // and x in float64 (for the exact re-evaluation) with ||x_i||^2.
+  std::vector<double> rn(N), rnorm(N), xnsq(B);
   std::vector<float> rnf(N);
+  std::vector<double> x64buf(x.scalar_type() == at::kDouble ? 0 : (size_t)(B * D));
+  const double* X64 = x.scalar_type() == at::kDouble ? x.data_ptr<double>() : x64buf.data();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "stf_target_rnorm", [&] {
-    const scalar_t* R = ref.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 16, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const double acc = sumsq(R + k * D, D);
-        rn[k] = acc;
-        rnorm[k] = std::sqrt(acc);
-        rnf[k] = static_cast<float>(acc);
-      }
+    using ref_t = scalar_t;
+    const ref_t* R = ref.data_ptr<ref_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stf_target_xnorm", [&] {
+      const scalar_t* XS = x.data_ptr<scalar_t>();
+      at::parallel_for(0, N + B, 16, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          if (k < N) {
+            const double acc = sumsq(R + k * D, D);
+            rn[k] = acc;
+            rnorm[k] = std::sqrt(acc);
+            rnf[k] = static_cast<float>(acc);
+          } else {
+            const int64_t i = k - N;
+            if (!x64buf.empty())
+              for (int64_t d = 0; d < D; ++d) x64buf[i * D + d] = static_cast<double>(XS[i * D + d]);
+            xnsq[i] = sumsq(X64 + i * D, D);
+          }
+        }
+      });
     });
   });
   // NaN/Inf in the data shows in its float64 norms; the Python side leaves
@@ -160,12 +170,11 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   const double rn_max = rnorm_max * rnorm_max;
 
   // Per-row constants, float64.
-  std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B), xnsq(B);
+  std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B);
   const double gamma = gemm_gamma(D);
   for (int64_t i = 0; i < B; ++i) {
     const double s = static_cast<double>(SIG[i]);
-    const double xn = sumsq(X64 + i * D, D);
-    xnsq[i] = xn;
+    const double xn = xnsq[i];
     inv2s2[i] = 0.5 / (s * s);
     offset[i] = xn * inv2s2[i];
     xnorm[i] = std::sqrt(xn);
@@ -177,7 +186,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
 
   // Running state.
   std::vector<double> m(B, kNegInf), m_low(B, kNegInf), ssum(B, 0.0);
-  at::Tensor acc = at::zeros({B, D}, f32);
+  at::Tensor acc = at::empty({B, D}, f32);  // written by the first chunk's mm
   std::vector<double> acc64((size_t)(B * D), 0.0);
   std::vector<char> any64(B, 0);  // whether acc64 row i is nonzero (skip the rescale otherwise)
 
@@ -278,14 +287,17 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
           p[k] = 0.0f;
         }
         float* ai = ACC + i * D;
-        if (scale != 1.0) {
+        if (k0 > 0 && scale != 1.0) {
           const float sf = static_cast<float>(scale);
           for (int64_t d = 0; d < D; ++d) ai[d] *= sf;
         }
         m[i] = m_new;
       }
     });
-    acc.addmm_(P, rcf);
+    if (k0 == 0)
+      at::mm_out(acc, P, rcf);
+    else
+      acc.addmm_(P, rcf);
   }
 
   float* LSE = lse.data_ptr<float>();
