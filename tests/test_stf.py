@@ -252,6 +252,17 @@ def test_gemm_error_bound(kind, D):
     assert ratio <= 1.0, f"GEMM error reaches {ratio:.2f} of the bound"
 
 
+def test_log_expm1_is_finite_where_expm1_overflows():
+    # The flag rule's log(expm1(err)): err passes 709 at sigma ~ 0.002 on image
+    # data; an infinite slack would flag (and re-evaluate) every entry.
+    e = torch.tensor([1e-12, 1e-5, 0.3, 39.9, 40.1, 700.0, 800.0, 1e6], dtype=torch.float64)
+    got = stf._log_expm1(e)
+    assert torch.isfinite(got).all()
+    want = torch.log(torch.expm1(e[:6]))
+    torch.testing.assert_close(got[:6], want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[6:], e[6:], rtol=1e-12, atol=0)
+
+
 # ----------------------------------------------------------------------------
 # torch.library and torch.compile
 # ----------------------------------------------------------------------------

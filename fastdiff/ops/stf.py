@@ -256,6 +256,14 @@ def _add_flagged(acc64: torch.Tensor, weights: torch.Tensor, ref: torch.Tensor, 
         acc64.index_add_(0, rows[p0:p0 + step], weights[p0:p0 + step, None] * ref[k].double())
 
 
+def _log_expm1(err: torch.Tensor) -> torch.Tensor:
+    """log(expm1(err)), floored at log(1e-300); finite where expm1 overflows
+    (err > 709 at sigma ~ 0.002 on image data), else every entry would be flagged."""
+    big = err > 40.0
+    return torch.where(big, err + torch.log1p(-torch.exp(-err)),
+                       torch.log(torch.expm1(torch.where(big, 0.0, err)).clamp_min(1e-300)))
+
+
 def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, precision: str,
                      t_out: torch.Tensor, lse_out: torch.Tensor) -> None:
     """Plain-PyTorch backend: chunked over N with an online log-sum-exp.
@@ -307,7 +315,7 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
             err = gamma * (rn_c[None, :] + 2.0 * xnorm[:, None] * rnorm_c[None, :]) * inv2s2[:, None]
             m_low = torch.maximum(m_low, (logit - err).amax(1))
             # An unflagged entry moves t_i by at most exp(logit + err - m_low) * expm1(err) * lever.
-            slack = logit + err - m_low[:, None] + torch.log(torch.expm1(err).clamp_min(1e-300))
+            slack = logit + err - m_low[:, None] + _log_expm1(err)
             rows, cols = (slack > log_budget[:, None]).nonzero(as_tuple=True)
             if rows.numel():
                 logit[rows, cols] = -_exact_sqdist(x64, rc, rows, cols, D) * inv2s2[rows]
