@@ -171,56 +171,59 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   const float* SIG = sigma.data_ptr<float>();
 
   // One parallel pass over the data: ||r_k||^2 in float64 from ref as given,
-  // and x in float64 (for the exact re-evaluation) with ||x_i||^2.
+  // and x in float64 (for the exact re-evaluation) with ||x_i||^2; then the
+  // per-row constants.
   std::vector<double> rn(N), rnorm(N), xnsq(B);
   std::vector<float> rnf(N);
   std::vector<double> x64buf(x.scalar_type() == at::kDouble ? 0 : (size_t)(B * D));
   const double* X64 = x.scalar_type() == at::kDouble ? x.data_ptr<double>() : x64buf.data();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "stf_target_rnorm", [&] {
-    using ref_t = scalar_t;
-    const ref_t* R = ref.data_ptr<ref_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stf_target_xnorm", [&] {
-      const scalar_t* XS = x.data_ptr<scalar_t>();
-      at::parallel_for(0, N + B, 16, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          if (k < N) {
-            const double acc = sumsq(R + k * D, D);
-            rn[k] = acc;
-            rnorm[k] = std::sqrt(acc);
-            rnf[k] = static_cast<float>(acc);
-          } else {
-            const int64_t i = k - N;
-            if (!x64buf.empty())
-              for (int64_t d = 0; d < D; ++d) x64buf[i * D + d] = static_cast<double>(XS[i * D + d]);
-            xnsq[i] = sumsq(X64 + i * D, D);
-          }
-        }
-      });
-    });
-  });
-  // NaN/Inf in the data shows in its float64 norms; the Python side leaves
-  // this check to the kernel (fastdiff/ops/stf.py, _CHECKS_DATA). A norm can
-  // also overflow for finite float64 data beyond 1e154: check the elements.
-  check_finite_rows(ref, rn, "ref");
-  double rnorm_max = 0.0;
-  for (int64_t k = 0; k < N; ++k) rnorm_max = std::max(rnorm_max, rnorm[k]);
-  const double lever = std::max(2.0 * rnorm_max, 1e-30);  // ||r_k - t_i|| <= 2 max ||r||
-  const double rn_max = rnorm_max * rnorm_max;
-
-  // Per-row constants, float64.
+  double rnorm_max = 0.0, lever = 0.0, rn_max = 0.0;
   std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B);
   const double gamma = gemm_gamma(D);
-  for (int64_t i = 0; i < B; ++i) {
-    const double s = static_cast<double>(SIG[i]);
-    const double xn = xnsq[i];
-    inv2s2[i] = 0.5 / (s * s);
-    offset[i] = xn * inv2s2[i];
-    xnorm[i] = std::sqrt(xn);
-    log_budget[i] = std::log(kErrorBudget) + std::log(s * std::sqrt((double)D)) - std::log(lever) -
-                    std::log((double)N);
-  }
+  auto norms_pass = [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "stf_target_rnorm", [&] {
+      using ref_t = scalar_t;
+      const ref_t* R = ref.data_ptr<ref_t>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stf_target_xnorm", [&] {
+        const scalar_t* XS = x.data_ptr<scalar_t>();
+        at::parallel_for(0, N + B, 16, [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k) {
+            if (k < N) {
+              const double acc = sumsq(R + k * D, D);
+              rn[k] = acc;
+              rnorm[k] = std::sqrt(acc);
+              rnf[k] = static_cast<float>(acc);
+            } else {
+              const int64_t i = k - N;
+              if (!x64buf.empty())
+                for (int64_t d = 0; d < D; ++d) x64buf[i * D + d] = static_cast<double>(XS[i * D + d]);
+              xnsq[i] = sumsq(X64 + i * D, D);
+            }
+          }
+        });
+      });
+    });
+    // NaN/Inf in the data shows in its float64 norms; the Python side leaves
+    // this check to the kernel (fastdiff/ops/stf.py, _CHECKS_DATA). A norm can
+    // also overflow for finite float64 data beyond 1e154: check the elements.
+    check_finite_rows(ref, rn, "ref");
+    for (int64_t k = 0; k < N; ++k) rnorm_max = std::max(rnorm_max, rnorm[k]);
+    lever = std::max(2.0 * rnorm_max, 1e-30);  // ||r_k - t_i|| <= 2 max ||r||
+    rn_max = rnorm_max * rnorm_max;
 
-  check_finite_rows(x, xnsq, "x");
+    // Per-row constants, float64.
+    for (int64_t i = 0; i < B; ++i) {
+      const double s = static_cast<double>(SIG[i]);
+      const double xn = xnsq[i];
+      inv2s2[i] = 0.5 / (s * s);
+      offset[i] = xn * inv2s2[i];
+      xnorm[i] = std::sqrt(xn);
+      log_budget[i] = std::log(kErrorBudget) + std::log(s * std::sqrt((double)D)) - std::log(lever) -
+                      std::log((double)N);
+    }
+
+    check_finite_rows(x, xnsq, "x");
+  };
 
   // Running state.
   std::vector<double> m(B, kNegInf), m_low(B, kNegInf), ssum(B, 0.0);
@@ -235,6 +238,11 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   at::Tensor rc_buf = ref_is_f32 ? at::Tensor() : at::empty({C * D}, f32);
   std::vector<double> L((size_t)(B * C));
   float* ACC = acc.data_ptr<float>();
+  // With one chunk, the norms pass follows the first GEMM, which has just
+  // streamed ref through the cache; with several, the bounds need max ||r||
+  // before the first chunk.
+  const bool norms_after_first_gemm = C >= N;
+  if (!norms_after_first_gemm) norms_pass();
 
   for (int64_t k0 = 0; k0 < N; k0 += C) {
     const int64_t c = std::min(C, N - k0);
@@ -249,6 +257,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     at::Tensor G = G_buf.narrow(0, 0, B * c).view({B, c});
     at::Tensor P = P_buf.narrow(0, 0, B * c).view({B, c});
     at::mm_out(G, xf, rcf.t());
+    if (k0 == 0 && norms_after_first_gemm) norms_pass();
     const float* GP = G.data_ptr<float>();
     float* PP = P.data_ptr<float>();
     const float* RCF = rcf.data_ptr<float>();
