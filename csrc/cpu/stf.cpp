@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -175,8 +176,10 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   // per-row constants.
   std::vector<double> rn(N), rnorm(N), xnsq(B);
   std::vector<float> rnf(N);
-  std::vector<double> x64buf(x.scalar_type() == at::kDouble ? 0 : (size_t)(B * D));
-  const double* X64 = x.scalar_type() == at::kDouble ? x.data_ptr<double>() : x64buf.data();
+  // Uninitialized buffers (make_unique_for_overwrite): every element is written before it is read.
+  const bool x_is_f64 = x.scalar_type() == at::kDouble;
+  auto x64buf = std::make_unique_for_overwrite<double[]>(x_is_f64 ? 0 : (size_t)(B * D));
+  const double* X64 = x_is_f64 ? x.data_ptr<double>() : x64buf.get();
   double rnorm_max = 0.0, lever = 0.0, rn_max = 0.0;
   std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B);
   const double gamma = gemm_gamma(D);
@@ -195,7 +198,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
               rnf[k] = static_cast<float>(acc);
             } else {
               const int64_t i = k - N;
-              if (!x64buf.empty())
+              if (!x_is_f64)
                 for (int64_t d = 0; d < D; ++d) x64buf[i * D + d] = static_cast<double>(XS[i * D + d]);
               xnsq[i] = sumsq(X64 + i * D, D);
             }
@@ -228,8 +231,9 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   // Running state.
   std::vector<double> m(B, kNegInf), m_low(B, kNegInf), ssum(B, 0.0);
   at::Tensor acc = at::empty({B, D}, f32);  // written by the first chunk's mm
-  std::vector<double> acc64((size_t)(B * D), 0.0);
-  std::vector<char> any64(B, 0);  // whether acc64 row i is nonzero (skip the rescale otherwise)
+  // Row i of acc64 is zeroed when its first flagged entry arrives; any64[i] says whether it is live.
+  auto acc64 = std::make_unique_for_overwrite<double[]>((size_t)(B * D));
+  std::vector<char> any64(B, 0);
 
   // Per-chunk buffers, allocated once and viewed as contiguous (B, c) / (c, D).
   const int64_t C = std::min(chunk, N);
@@ -321,12 +325,13 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
           p[k] = static_cast<float>(pk);
         }
         ssum[i] = ssum[i] * scale + srow;
-        double* a64 = acc64.data() + i * D;
+        double* a64 = acc64.get() + i * D;
         if (any64[i] && scale != 1.0)
           for (int64_t d = 0; d < D; ++d) a64[d] *= scale;
         for (int64_t k : flagged) {
           const double pk = std::exp(l[k] - m_new);
           if (pk != 0.0) {
+            if (!any64[i]) std::fill(a64, a64 + D, 0.0);
             if (RC64) axpy(a64, pk, RC64 + k * D, D);
             else axpy(a64, pk, RCF + k * D, D);
             any64[i] = 1;
@@ -353,11 +358,14 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const double inv = 1.0 / ssum[i];
-        const double* a64 = acc64.data() + i * D;
+        const double* a64 = acc64.get() + i * D;
         const float* ai = ACC + i * D;
         scalar_t* ti = T + i * D;
-        for (int64_t d = 0; d < D; ++d)
-          ti[d] = static_cast<scalar_t>((a64[d] + static_cast<double>(ai[d])) * inv);
+        if (any64[i])
+          for (int64_t d = 0; d < D; ++d)
+            ti[d] = static_cast<scalar_t>((a64[d] + static_cast<double>(ai[d])) * inv);
+        else
+          for (int64_t d = 0; d < D; ++d) ti[d] = static_cast<scalar_t>(static_cast<double>(ai[d]) * inv);
         LSE[i] = static_cast<float>(m[i] + std::log(ssum[i]));
       }
     });
