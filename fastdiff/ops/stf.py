@@ -67,7 +67,9 @@ ERROR_BUDGET = 1e-5
 # at most ~4 * ERROR_BUDGET (the renormalization can double each share).
 def log_expm1(e: torch.Tensor) -> torch.Tensor:
     """log(expm1(e)) for e >= 0, finite for large e (where expm1 overflows)."""
-    return torch.where(e > 20.0, e + torch.log1p(-torch.exp(-e)), torch.log(torch.expm1(e).clamp_min(1e-300)))
+    big = e > 20.0
+    return torch.where(big, e + torch.log1p(-torch.exp(-e)),
+                       torch.log(torch.expm1(torch.where(big, 0.0, e)).clamp_min(1e-300)))
 
 
 def flag_entries(logit, err, m_low, log_budget_row, N: int):
@@ -137,7 +139,13 @@ def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
     return s.contiguous()
 
 
-def _prepare(x, sigma, ref):
+# Backends that reject NaN/Inf in x and ref themselves, from the float64 row
+# norms they compute anyway (csrc/cpu/stf.cpp): a check here would read ref,
+# the largest input, once more, about a tenth of the op's time on CPU.
+_CHECKS_DATA = ("cpu",)
+
+
+def _prepare(x, sigma, ref, check_data: bool = True):
     """Checks the arguments; returns x as (B, D), sigma as (B,) float32, ref as (N, D)."""
     _check_tensor("x", x)
     _check_tensor("ref", ref)
@@ -153,7 +161,7 @@ def _prepare(x, sigma, ref):
     B = x.shape[0]
     D = math.prod(x.shape[1:])
     s = _sigma_rows(sigma, B, x)
-    if _checking_values():
+    if check_data and _checking_values():
         _check_finite("x", x)
         _check_finite("ref", ref)
     return x.reshape(B, D).contiguous(), s, ref.reshape(ref.shape[0], D).contiguous()
@@ -212,12 +220,16 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
     computed from detached inputs, by design.
     """
     _check_mode(precision, backend)
-    x2, s, r2 = _prepare(x, sigma, ref)
+    x2, s, r2 = _prepare(x, sigma, ref, check_data=False)
+    name = None
+    if not torch.compiler.is_compiling():
+        name, _ = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
+        if (x2.shape[0] == 0 or name not in _CHECKS_DATA) and _checking_values():
+            _check_finite("x", x2)
+            _check_finite("ref", r2)
     if x2.shape[0] == 0:
         t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
     else:
-        if not torch.compiler.is_compiling():
-            _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
         t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
     t = t.reshape(x.shape)
     return (t, lse) if return_lse else t
