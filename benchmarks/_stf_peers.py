@@ -101,3 +101,106 @@ def problem(B: int, N: int, D: int = 3072, *, seed: int = 0, device="cpu"):
     sigma = edm_sigma(B, generator=g)
     x = ref[:B] + sigma[:, None] * torch.randn(B, D, generator=g)
     return x.to(device).contiguous(), sigma.to(device), ref.to(device).contiguous()
+
+
+def oracle64(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """float64 target for the error column of the report (float64 expansion, chunked over N;
+    its error at these scales and sigma >= 1e-3 is far below float32 resolution)."""
+    x64, s64 = x.double(), sigma.double()
+    inv2s2 = 0.5 / s64 ** 2
+    xn = (x64 * x64).sum(1)
+    N = ref.shape[0]
+    step = max(1, (256 << 20) // (8 * max(1, x.shape[0]) + 8 * ref.shape[1]))
+    m = torch.full_like(xn, -math.inf)
+    s = torch.zeros_like(xn)
+    acc = torch.zeros_like(x64)
+    for k0 in range(0, N, step):
+        r64 = ref[k0:k0 + step].double()
+        d2 = (xn[:, None] - 2.0 * (x64 @ r64.T) + (r64 * r64).sum(1)[None, :]).clamp_min(0)
+        logit = -d2 * inv2s2[:, None]
+        m_new = torch.maximum(m, logit.amax(1))
+        scale = torch.exp(m - m_new)
+        p = torch.exp(logit - m_new[:, None])
+        s = s * scale + p.sum(1)
+        acc = acc * scale[:, None] + p @ r64
+        m = m_new
+    return acc / s[:, None]
+
+
+def max_err(t: torch.Tensor, t64: torch.Tensor, sigma: torch.Tensor) -> float:
+    """max_i ||t_i - t64_i|| / (sigma_i sqrt(D)), the accuracy contract's metric."""
+    D = t64.shape[1]
+    e = (t.double().reshape(t64.shape) - t64).norm(dim=1) / (sigma.double() * math.sqrt(D))
+    return float(e.max())
+
+
+def make_peer(name: str, B: int, N: int, device) -> callable:
+    if name == "published":
+        return published
+    if name == "compile":
+        return compiled
+    if name == "floor":
+        return make_floor(B, N, device=device)
+    return backend_peer(name)
+
+
+def published_bytes(B: int, N: int, D: int, elt: int = 4) -> int:
+    """Peak of `published`: two B x N x D tensors live at once (diff and its square)."""
+    return 2 * B * N * D * elt
+
+
+# ----------------------------------------------------------------------------
+# peak extra memory on CPU, in a fresh process
+# ----------------------------------------------------------------------------
+# torch's CPU allocations are invisible to tracemalloc and torch keeps no CPU
+# allocator statistics, so the peak is read from the kernel: a fresh process
+# builds the inputs, runs the peer once (compiling it, for torch.compile),
+# resets its peak resident size (/proc/self/clear_refs), runs the peer again
+# and reports VmHWM - VmRSS(before). MALLOC_MMAP_THRESHOLD_ makes every
+# allocation of 64 KiB or more its own mapping, returned to the system when
+# freed, so memory freed by the first run cannot hide the second run's peak.
+
+def _status_kib(key: str) -> int:
+    import re
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+)", f.read()).group(1))
+
+
+def peak_extra_mib_cpu(peer: str, B: int, N: int, D: int, threads: int) -> float | None:
+    """Peak extra resident memory (MiB) of one call of `peer`, or None if it cannot be measured."""
+    import os
+    import subprocess
+    import sys
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, os.path.abspath(__file__), "--peak", peer, str(B), str(N), str(D), str(threads)]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_main(peer: str, B: int, N: int, D: int, threads: int) -> None:
+    import gc
+    torch.set_num_threads(threads)
+    x, sigma, ref = problem(B, N, D)
+    fn = make_peer(peer, B, N, "cpu")
+    fn(x, sigma, ref)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    out = fn(x, sigma, ref)
+    peak = _status_kib("VmHWM")
+    del out
+    print((peak - before) / 1024.0)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) == 7 and sys.argv[1] == "--peak":
+        _peak_main(sys.argv[2], *map(int, sys.argv[3:]))
+    else:
+        raise SystemExit("usage: _stf_peers.py --peak PEER B N D THREADS")

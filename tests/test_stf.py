@@ -170,12 +170,12 @@ def test_image_shaped_input(backend):
 def test_many_chunks(backend, monkeypatch):
     """N far beyond the chunk: the online log-sum-exp across chunks, and the
     running lower bound on the max, are exercised with the nearest rows late."""
-    B, N, D = 6, 300, 33
+    B, N, D = 6, 200, 33
     sig = torch.tensor([0.002, 0.002, 0.02, 0.5, 5.0, 80.0])
     x, s, ref = near_duplicate_case(B, N, D, sig)
     ref = ref.flip(0).contiguous()        # sources and their near-duplicates in the last chunks
-    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * B * 7)   # 7 rows per chunk
-    assert stf.chunk_rows(B, N, D, torch.float32) == 7
+    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * B * 16)  # 16 rows per chunk
+    assert stf.chunk_rows(B, N, D, torch.float32) == 16
     t, lse = run(backend, x, s, ref)
     assert_contract(t, x, s, ref)
     assert_lse(lse, x, s, ref)
@@ -250,6 +250,17 @@ def test_gemm_error_bound(kind, D):
     bound = stf.gemm_gamma(D) * (rn[None, :] + 2.0 * x64.norm(dim=1)[:, None] * rn.sqrt()[None, :])
     ratio = ((a_fp32.double() - a64).abs() / bound).max().item()
     assert ratio <= 1.0, f"GEMM error reaches {ratio:.2f} of the bound"
+
+
+def test_log_expm1_is_finite_where_expm1_overflows():
+    # The flag rule's log(expm1(err)): err passes 709 at sigma ~ 0.002 on image
+    # data; an infinite slack would flag (and re-evaluate) every entry.
+    e = torch.tensor([1e-12, 1e-5, 0.3, 39.9, 40.1, 700.0, 800.0, 1e6], dtype=torch.float64)
+    got = stf.log_expm1(e)
+    assert torch.isfinite(got).all()
+    want = torch.log(torch.expm1(e[:6]))
+    torch.testing.assert_close(got[:6], want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[6:], e[6:], rtol=1e-12, atol=0)
 
 
 # ----------------------------------------------------------------------------
@@ -368,6 +379,18 @@ def test_bad_input(case, exc, match):
         fastdiff.stf_target(x, s, ref, **kw)
 
 
+@pytest.mark.parametrize("where", ["x", "ref"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_data_raises_on_every_backend(backend, where, value, dtype):
+    # The cpu backend checks its data itself (from its float64 row norms),
+    # the others in Python: both must name the argument.
+    x, s, ref = torch.rand(3, 40, dtype=dtype), torch.full((3,), 0.5), torch.rand(9, 40, dtype=dtype)
+    (x if where == "x" else ref)[-1, 17] = value
+    with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+        fastdiff.stf_target(x, s, ref, backend=backend)
+
+
 def test_unavailable_backend_by_name_raises():
     x, s, ref = _ok()
     # The cuda backend never runs on CPU tensors, GPU or not.
@@ -397,3 +420,24 @@ def test_result_is_detached(backend):
     loss = ((x * 2 - t) ** 2).mean()
     loss.backward()
     assert ref.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("sigma, max_per_row", [(0.002, 1), (0.5, 1), (80.0, 0)])
+def test_flag_rule_reevaluates_only_what_matters(monkeypatch, sigma, max_per_row):
+    # Exactness must not cost O(B N D): at small sigma only the row's own source
+    # is re-evaluated, at large sigma (rule A) nothing is.
+    counts = []
+    real = stf.flag_entries
+
+    def spy(*args):
+        flags = real(*args)
+        counts.append(flags.sum(1))
+        return flags
+
+    monkeypatch.setattr(stf, "flag_entries", spy)
+    B, N, D = 8, 256, 768
+    ref = torch.rand(N, D) * 2 - 1
+    x = ref[:B] + sigma * torch.randn(B, D)
+    fastdiff.stf_target(x, sigma, ref, backend="torch")
+    per_row = torch.stack(counts).sum(0)
+    assert int(per_row.max()) <= max_per_row, per_row

@@ -12,6 +12,10 @@
 //
 // No torch headers here (they cost ~85 s of nvcc time); stf_launch.cpp registers the op.
 // Built for sm_80+ (WMMA tf32); below sm_80 the tile products fall back to FFMA.
+// Mode "bf16" rounds the operands to bf16 and multiplies them on the tf32 MMA:
+// bf16's accuracy (exact products of bf16 values), tf32's speed.
+// Tiles are 64 x 64 x 16, loaded through registers (no cp.async pipeline):
+// lean, not tuned; the GPU benchmarks decide whether it needs more.
 // Nothing in this file has run on a GPU yet.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -403,7 +407,7 @@ __global__ void __launch_bounds__(kGemmThreads) pv_kernel(const float* __restric
 
 template <typename TO>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(StfArgs a, int S, TO* __restrict__ t) {
-  const int b = blockIdx.y, B = a.B, D = a.D;
+  const int b = blockIdx.x, B = a.B, D = a.D;
   double w[kMaxSplits];
   double mmax = -INFINITY;
   for (int s = 0; s < S; ++s) mmax = fmax(mmax, a.m[s * B + b]);
@@ -413,7 +417,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(StfArgs a, int
     w[s] = m == -INFINITY ? 0.0 : exp(m - mmax);  // an empty split weighs 0, never NaN
     ltot += w[s] * a.l[s * B + b];
   }
-  const int d = blockIdx.x * kCombineThreads + threadIdx.x;
+  const int d = blockIdx.y * kCombineThreads + threadIdx.x;
   if (d < D) {
     double num = 0.0;
     for (int s = 0; s < S; ++s) {
@@ -424,7 +428,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(StfArgs a, int
     }
     t[static_cast<long long>(b) * D + d] = static_cast<TO>(ltot > 0.0 ? num / ltot : 0.0);
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0)
+  if (blockIdx.y == 0 && threadIdx.x == 0)
     a.lse[b] = ltot > 0.0 ? static_cast<float>(mmax + log(ltot) - a.xn[b] * a.inv2s2[b]) : -INFINITY;
 }
 
@@ -466,7 +470,7 @@ cudaError_t run_typed(StfArgs a, cudaStream_t st) {
     acc_out = tmp;
   }
   a.acc_a = acc_in;  // the final accumulator
-  const dim3 grid((D + kCombineThreads - 1) / kCombineThreads, B);
+  const dim3 grid(B, (D + kCombineThreads - 1) / kCombineThreads);
   if (a.t_is_double)
     combine_kernel<double><<<grid, kCombineThreads, 0, st>>>(a, S, static_cast<double*>(a.t));
   else

@@ -19,7 +19,7 @@ constexpr double kErrorBudget = 1e-5;
 double gemm_gamma(int64_t D) { return std::ldexp(8.0 + 2.0 * std::sqrt(static_cast<double>(D)), -24); }
 
 void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref,
-                     c10::string_view precision, int64_t chunk, at::Tensor& t, at::Tensor& lse) {
+                     c10::string_view precision, int64_t chunk, at::Tensor t, at::Tensor lse) {
   TORCH_CHECK(x.dim() == 2 && ref.dim() == 2 && x.size(1) == ref.size(1),
               "stf_target: x must be (B, D) and ref (N, D)");
   TORCH_CHECK(ref.size(0) > 0, "stf_target: ref is empty");
@@ -114,4 +114,5 @@ void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
 
 }  // namespace
 
+// The C++ signature must match the CPU kernel's (csrc/cpu/stf.cpp): outputs by value.
 TORCH_LIBRARY_IMPL(fastdiff_ext, CUDA, m) { m.impl("stf_target", &stf_target_cuda); }

@@ -31,17 +31,6 @@ __all__ = ["Objective", "make_objective", "OBJECTIVES"]
 OBJECTIVES = ("dsm", "stf")
 
 
-def _weighted_mse_fallback(pred, target, weight, *, backend="auto"):
-    # Local stand-in for fastdiff.weighted_mse (issue 4 item 6, built on another
-    # branch); the lead removes this fallback on merge.
-    w = weight.reshape(weight.shape[0], *([1] * (pred.dim() - 1))) if weight.dim() == 1 else weight
-    return (w * (pred - target.detach()).pow(2)).mean()
-
-
-def _weighted_mse():
-    return getattr(fastdiff, "weighted_mse", None) or _weighted_mse_fallback
-
-
 class Objective(nn.Module):
     """A training objective; see make_objective. Holds the weighting and density as
     submodules, so state_dict/load_state_dict carry the learned weighting and the
@@ -129,7 +118,7 @@ class Objective(nn.Module):
             u = self.weighting.logvar(lam64.to(torch.float32))
             weight64 = weight64 * torch.exp(-u.detach().to(torch.float64))
         weight = weight64.to(sdt)
-        loss = _weighted_mse()(F, F_target.to(F.dtype), weight, backend=self.loss_backend)
+        loss = fastdiff.weighted_mse(F, F_target, weight, backend=self.loss_backend)
         with torch.no_grad():
             mse = (F.detach().to(sdt) - F_target.to(sdt)).pow(2).flatten(1).mean(1)
             per_sample = weight * mse

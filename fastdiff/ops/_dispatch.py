@@ -58,6 +58,15 @@ AUTO: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "torch"),
 }
 
+# ---- backend="auto" on CUDA by size and precision: MEASURED TABLE GOES HERE ----
+# The GPU issue (stf_target) wants "auto" to pick the fastest backend that meets
+# the requested precision at the given sizes, from figures measured on a GPU
+# (benchmarks/results/). None are measured yet: the Triton and CUDA kernels were
+# written and tested without a GPU. Until then "auto" keeps the fixed order above.
+# When measured, add a table such as
+#   AUTO_BY_SIZE = {"stf_target": {(precision, B_max, N_max, D_max): "triton", ...}}
+# and consult it in resolve() before AUTO.
+
 
 class BackendStatus(NamedTuple):
     available: bool

@@ -51,9 +51,36 @@ def gemm_gamma(D: int) -> float:
     return 2.0 ** -24 * (8.0 + 2.0 * math.sqrt(D))
 
 
-# The unflagged entries together may move the target by at most this much, in
-# units of sigma_i sqrt(D); the contract is 1e-4.
+# The unflagged entries together may move the target by at most a few times
+# this much, in units of sigma_i sqrt(D); the contract is 1e-4.
 ERROR_BUDGET = 1e-5
+
+
+# The flag rule, shared by every backend (csrc/ and kernels/ mirror it). With
+# e the bound on an entry's logit error, lever = 2 max_k ||r_k|| >= ||r_k - t_i||
+# and budget = ERROR_BUDGET * sigma_i sqrt(D), an entry keeps its GEMM logit if
+#   (A) expm1(e) * lever <= budget: its error is small at any weight (the
+#       weights of all such entries sum to <= 1), or
+#   (B) exp(l + e - m_low) * expm1(e) * lever <= budget / N: its weight is too
+#       small for its error to matter (m_low: a lower bound on the row's max);
+# every other entry is re-evaluated exactly. Both groups together move t_i by
+# at most ~4 * ERROR_BUDGET (the renormalization can double each share).
+def log_expm1(e: torch.Tensor) -> torch.Tensor:
+    """log(expm1(e)) for e >= 0, finite for large e (where expm1 overflows)."""
+    big = e > 20.0
+    return torch.where(big, e + torch.log1p(-torch.exp(-e)),
+                       torch.log(torch.expm1(torch.where(big, 0.0, e)).clamp_min(1e-300)))
+
+
+def flag_entries(logit, err, m_low, log_budget_row, N: int):
+    """Boolean (B, C): the entries that need exact re-evaluation (rules A and B above).
+
+    log_budget_row is log(ERROR_BUDGET * sigma_i sqrt(D) / lever), per row.
+    """
+    lem1 = log_expm1(err)
+    rule_a = lem1 <= log_budget_row[:, None]
+    rule_b = logit + err - m_low[:, None] + lem1 <= log_budget_row[:, None] - math.log(N)
+    return ~(rule_a | rule_b)
 
 
 def chunk_rows(B: int, N: int, D: int, ref_dtype: torch.dtype) -> int:
@@ -112,7 +139,13 @@ def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
     return s.contiguous()
 
 
-def _prepare(x, sigma, ref):
+# Backends that reject NaN/Inf in x and ref themselves, from the float64 row
+# norms they compute anyway (csrc/cpu/stf.cpp): a check here would read ref,
+# the largest input, once more, about a tenth of the op's time on CPU.
+_CHECKS_DATA = ("cpu",)
+
+
+def _prepare(x, sigma, ref, check_data: bool = True):
     """Checks the arguments; returns x as (B, D), sigma as (B,) float32, ref as (N, D)."""
     _check_tensor("x", x)
     _check_tensor("ref", ref)
@@ -128,7 +161,7 @@ def _prepare(x, sigma, ref):
     B = x.shape[0]
     D = math.prod(x.shape[1:])
     s = _sigma_rows(sigma, B, x)
-    if _checking_values():
+    if check_data and _checking_values():
         _check_finite("x", x)
         _check_finite("ref", ref)
     return x.reshape(B, D).contiguous(), s, ref.reshape(ref.shape[0], D).contiguous()
@@ -187,12 +220,16 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
     computed from detached inputs, by design.
     """
     _check_mode(precision, backend)
-    x2, s, r2 = _prepare(x, sigma, ref)
+    x2, s, r2 = _prepare(x, sigma, ref, check_data=False)
+    name = None
+    if not torch.compiler.is_compiling():
+        name, _ = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
+        if (x2.shape[0] == 0 or name not in _CHECKS_DATA) and _checking_values():
+            _check_finite("x", x2)
+            _check_finite("ref", r2)
     if x2.shape[0] == 0:
         t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
     else:
-        if not torch.compiler.is_compiling():
-            _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
         t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
     t = t.reshape(x.shape)
     return (t, lse) if return_lse else t
@@ -276,8 +313,7 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
     rnorm = rn.sqrt()
     # ||r_k - t_i|| <= 2 max_k ||r_k||: the lever an error in one weight has on t_i.
     lever = (2.0 * rnorm.max()).clamp_min(1e-30)
-    log_budget = math.log(ERROR_BUDGET) + torch.log(sigma.double() * math.sqrt(D)) - torch.log(lever) \
-        - math.log(N)                                # (B,): per-entry share of the budget
+    log_budget = math.log(ERROR_BUDGET) + torch.log(sigma.double() * math.sqrt(D)) - torch.log(lever)
     gamma = gemm_gamma(D)
     # Precision note: torch.matmul on CUDA honours allow_tf32; "highest" needs true fp32.
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -296,9 +332,7 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
             logit = a.double() * inv2s2[:, None] - offset[:, None]              # fp64 (B, C)
             err = gamma * (rn_c[None, :] + 2.0 * xnorm[:, None] * rnorm_c[None, :]) * inv2s2[:, None]
             m_low = torch.maximum(m_low, (logit - err).amax(1))
-            # An unflagged entry moves t_i by at most exp(logit + err - m_low) * expm1(err) * lever.
-            slack = logit + err - m_low[:, None] + torch.log(torch.expm1(err).clamp_min(1e-300))
-            rows, cols = (slack > log_budget[:, None]).nonzero(as_tuple=True)
+            rows, cols = flag_entries(logit, err, m_low, log_budget, N).nonzero(as_tuple=True)
             if rows.numel():
                 logit[rows, cols] = -_exact_sqdist(x64, rc, rows, cols, D) * inv2s2[rows]
             m_new = torch.maximum(m, logit.amax(1))

@@ -1,0 +1,127 @@
+"""STF target benchmarks: `pytest benchmarks/ --benchmark-only`.
+
+Peers side by side per size (benchmarks/_stf_peers.py): "published" (the B x N x D
+broadcast formula of the paper's code), the fastdiff backends ("torch", "cpu" on
+CPU; "triton", "cuda" on GPU), "compile" (torch.compile of the plain expansion
+formula) and "floor" (the two matrix products alone). Every benchmark records,
+in extra_info: peer, sizes, threads, peak extra memory in MiB ("peak_mib") and
+the accuracy metric max_i err_i against a float64 target ("max_err").
+`python benchmarks/report.py results.json` prints the ratios from a
+`--benchmark-json` file.
+
+Environment:
+  FASTDIFF_BENCH_DEVICE=cpu|cuda   device (default: cuda if available)
+  FASTDIFF_BENCH_SKIP_BIG=1        skip the published peer where its B x N x D
+                                   tensors exceed 1 GiB (N=8192 on CPU: 6 GiB)
+  FASTDIFF_BENCH_NO_MEMORY=1       skip the peak-memory measurement
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import _stf_peers as P
+from fastdiff.ops import _dispatch
+
+DEVICE = os.environ.get("FASTDIFF_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+D = 3072
+if DEVICE == "cuda":
+    SIZES = [(B, N, D) for B in (64, 128, 512) for N in (1024, 4096, 50000)]
+    PEERS = ["published", "torch", "triton", "cuda", "compile", "floor"]
+else:
+    SIZES = [(32, N, D) for N in (1024, 2048, 8192)]
+    PEERS = ["published", "torch", "cpu", "compile", "floor"]
+
+_memory_cache: dict = {}
+_oracle_cache: dict = {}
+
+
+def _available_bytes() -> int:
+    if DEVICE == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _skip_reason(peer: str, B: int, N: int, D: int) -> str | None:
+    if peer in ("torch", "cpu", "triton", "cuda"):
+        status = _dispatch.backend_status(peer, DEVICE, "stf_target")
+        if not status.available:
+            return f"backend {peer!r} unavailable: {status.reason}"
+    if peer == "published":
+        need = P.published_bytes(B, N, D)
+        if os.environ.get("FASTDIFF_BENCH_SKIP_BIG") == "1" and need > (1 << 30):
+            return f"published needs {need / 2**30:.1f} GiB (FASTDIFF_BENCH_SKIP_BIG=1)"
+        if need * 1.25 > _available_bytes():
+            return f"published needs {need / 2**30:.1f} GiB, more than is available"
+    if peer == "compile" and 3 * B * N * 4 * 1.25 > _available_bytes():
+        return "compile's B x N logits do not fit"
+    return None
+
+
+def _peak_mib(peer, fn, x, sigma, ref, B, N, D):
+    if os.environ.get("FASTDIFF_BENCH_NO_MEMORY") == "1":
+        return None
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn(x, sigma, ref)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak / 2**20
+    key = (peer, B, N, D)
+    if key not in _memory_cache:
+        _memory_cache[key] = P.peak_extra_mib_cpu(peer, B, N, D, torch.get_num_threads())
+    return _memory_cache[key]
+
+
+def _rounds(peer: str, B: int, N: int, D: int) -> int:
+    if DEVICE == "cuda":
+        return 20
+    if peer == "published":
+        return 3 if N <= 1024 else 2
+    return 10 if N <= 2048 else 5
+
+
+# Size outermost, so that a group's peers run one after another.
+@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-N{}-D{}".format(*s))
+def test_stf_target(benchmark, peer, size):
+    B, N, D = size
+    why = _skip_reason(peer, B, N, D)
+    if why:
+        pytest.skip(why)
+    x, sigma, ref = P.problem(B, N, D, device=DEVICE)
+    fn = P.make_peer(peer, B, N, DEVICE)
+    if DEVICE == "cuda":
+        inner = fn
+
+        def fn(x, sigma, ref):
+            out = inner(x, sigma, ref)
+            torch.cuda.synchronize()
+            return out
+
+    benchmark.group = f"stf_target B={B} N={N} D={D} {DEVICE}"
+    benchmark.extra_info.update(peer=peer, B=B, N=N, D=D, device=DEVICE, threads=torch.get_num_threads())
+    out = benchmark.pedantic(fn, args=(x, sigma, ref), rounds=_rounds(peer, B, N, D), iterations=1,
+                             warmup_rounds=1)
+    if peer != "floor":
+        t = out[0] if isinstance(out, tuple) else out
+        key = (B, N, D)
+        if key not in _oracle_cache:
+            _oracle_cache.clear()
+            _oracle_cache[key] = P.oracle64(x, sigma, ref)     # on x's device
+        benchmark.extra_info["max_err"] = P.max_err(t, _oracle_cache[key], sigma)
+    del out
+    benchmark.extra_info["peak_mib"] = _peak_mib(peer, fn, x, sigma, ref, B, N, D)
