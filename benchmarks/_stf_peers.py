@@ -4,8 +4,8 @@ Each peer is `fn(x, sigma, ref) -> t` with x (B, D), sigma (B,), ref (N, D):
 
 - published: the formula of the STF authors' code, as the paper describes it:
   a B x N x D broadcast of differences, squared and summed, max-subtracted,
-  exponentiated and normalized, then a second B x N x D broadcast product of
-  the weights with ref, summed over N. Rewritten here, not copied.
+  exponentiated and normalized, then ref repeated to a B x N x D tensor,
+  multiplied by the weights and summed over N. Rewritten here, not copied.
 - compile:   torch.compile of a well-written plain formula (expansion logits,
   softmax, matmul): fast, but not exact at small sigma.
 - floor:     the two matrix products the op cannot avoid, x @ ref.T and
@@ -28,7 +28,8 @@ def published(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor) -> torch.
     logits = logits - logits.max(dim=1, keepdim=True).values
     w = torch.exp(logits)
     w = w / w.sum(dim=1, keepdim=True)
-    return (w[:, :, None] * ref[None, :, :]).sum(1)              # B x N x D again
+    target = ref[None, :, :].repeat(x.shape[0], 1, 1)            # B x N x D copy of ref
+    return (w[:, :, None] * target).sum(1)                       # B x N x D product, summed
 
 
 def plain(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
