@@ -441,3 +441,40 @@ def test_flag_rule_reevaluates_only_what_matters(monkeypatch, sigma, max_per_row
     fastdiff.stf_target(x, sigma, ref, backend="torch")
     per_row = torch.stack(counts).sum(0)
     assert int(per_row.max()) <= max_per_row, per_row
+
+
+@pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0, 30.0])
+def test_dense_rows(backend, sigma, monkeypatch):
+    """Rows whose weights spread over many near-equidistant references (a cluster
+    of near-duplicates around each source, and large sigma on smooth data): the
+    float64-GEMM path for rows with many flags, and its fall-back to direct
+    differences where the float64 expansion is still not exact enough."""
+    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * 4 * 40)       # several chunks
+    B, per, D = 4, 60, 96
+    base = torch.rand(B, D) * 2 - 1
+    ref = base.repeat_interleave(per, 0) + sigma * 2.0 * torch.randn(B * per, D) / math.sqrt(D)
+    ref = torch.cat([ref, torch.rand(40, D) * 2 - 1])
+    x = base + sigma * torch.randn(B, D)
+    t, lse = run(backend, x, sigma, ref)
+    assert_contract(t, x, sigma, ref)
+    assert_lse(lse, x, sigma, ref)
+
+
+def test_dense_path_is_taken_at_moderate_sigma(monkeypatch):
+    calls = []
+    real = stf.flag_entries
+
+    def spy(*args):
+        flags = real(*args)
+        calls.append(int(flags.sum()))
+        return flags
+
+    monkeypatch.setattr(stf, "flag_entries", spy)
+    B, N, D = 8, 256, 768
+    ref = torch.rand(N, D) * 2 - 1
+    ref = ref[:16].repeat(16, 1) + 0.01 * torch.randn(N, D)    # 16 tight clusters
+    x = ref[:B] + 10.0 * torch.randn(B, D)
+    t = fastdiff.stf_target(x, 10.0, ref, backend="torch")
+    # the fp32 bound flags most entries; after the float64 GEMM none is left
+    assert calls[0] > B * N // 2 and calls[-1] == 0, calls
+    assert_contract(t, x, 10.0, ref)

@@ -47,8 +47,18 @@ CHUNK_BYTES = int(os.environ.get("FASTDIFF_CHUNK_BYTES", 64 << 20))
 # Worst case is D*u; blocked GEMM accumulation measures under 6u on random,
 # positive and mean-offset data for D in [1, 12288] (tests/test_stf.py checks
 # the bound), so u * (8 + 2 sqrt(D)) keeps a margin of 10x or more.
-def gemm_gamma(D: int) -> float:
-    return 2.0 ** -24 * (8.0 + 2.0 * math.sqrt(D))
+def gemm_gamma(D: int, unit: float = 2.0 ** -24) -> float:
+    """The bound's factor for a GEMM with unit roundoff `unit` (2^-24 fp32, 2^-53 fp64)."""
+    return unit * (8.0 + 2.0 * math.sqrt(D))
+
+
+# A row whose flagged entries in a chunk exceed this share of the chunk
+# (moderate sigma: weights spread over many rows, error bound above budget) is
+# re-evaluated by float64 GEMMs instead of one direct difference per entry:
+# its logits by the float64 expansion (error bound gemm_gamma(D, 2^-53): only
+# entries still flagged then go to direct differences) and its weighted sum by
+# a float64 GEMM.
+DENSE_SHARE = 1 / 16
 
 
 # The unflagged entries together may move the target by at most a few times
@@ -292,7 +302,8 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
     then an fp32 GEMM of the weights with the chunk. The flagged entries are
     the heavy ones at small sigma, where fp32 accumulation of sum_k w_k r_k
     alone would err by sqrt(K) ulps / sigma; they are accumulated in float64.
-    Always "highest".
+    Rows with many flags (DENSE_SHARE) take float64 GEMMs instead. Always
+    "highest".
     """
     B, D = x.shape
     N = ref.shape[0]
@@ -314,7 +325,7 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
     # ||r_k - t_i|| <= 2 max_k ||r_k||: the lever an error in one weight has on t_i.
     lever = (2.0 * rnorm.max()).clamp_min(1e-30)
     log_budget = math.log(ERROR_BUDGET) + torch.log(sigma.double() * math.sqrt(D)) - torch.log(lever)
-    gamma = gemm_gamma(D)
+    gamma, gamma64 = gemm_gamma(D), gemm_gamma(D, 2.0 ** -53)
     # Precision note: torch.matmul on CUDA honours allow_tf32; "highest" needs true fp32.
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -332,7 +343,17 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
             logit = a.double() * inv2s2[:, None] - offset[:, None]              # fp64 (B, C)
             err = gamma * (rn_c[None, :] + 2.0 * xnorm[:, None] * rnorm_c[None, :]) * inv2s2[:, None]
             m_low = torch.maximum(m_low, (logit - err).amax(1))
-            rows, cols = flag_entries(logit, err, m_low, log_budget, N).nonzero(as_tuple=True)
+            flags = flag_entries(logit, err, m_low, log_budget, N)
+            dense = (flags.sum(1) > max(1, int(DENSE_SHARE * rc.shape[0]))).nonzero(as_tuple=True)[0]
+            if dense.numel():
+                rc64 = rc.double()
+                a64 = 2.0 * (x64[dense] @ rc64.T) - rn_c[None, :]
+                logit[dense] = a64 * inv2s2[dense, None] - offset[dense, None]
+                err64 = gamma64 * (rn_c[None, :] + 2.0 * xnorm[dense, None] * rnorm_c[None, :]) \
+                    * inv2s2[dense, None]
+                m_low[dense] = torch.maximum(m_low[dense], (logit[dense] - err64).amax(1))
+                flags[dense] = flag_entries(logit[dense], err64, m_low[dense], log_budget[dense], N)
+            rows, cols = flags.nonzero(as_tuple=True)
             if rows.numel():
                 logit[rows, cols] = -_exact_sqdist(x64, rc, rows, cols, D) * inv2s2[rows]
             m_new = torch.maximum(m, logit.amax(1))
@@ -343,6 +364,9 @@ def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, pr
             if rows.numel():
                 _add_flagged(acc64, p[rows, cols], rc, rows, cols)
                 p[rows, cols] = 0.0
+            if dense.numel():
+                acc64[dense] += p[dense] @ rc64
+                p[dense] = 0.0
             acc = acc * scale.float()[:, None] + p.float() @ rcf
             m = m_new
     finally:
