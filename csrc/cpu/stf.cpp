@@ -16,6 +16,8 @@
 //       online log-sum-exp (float64 m_i, s_i); flagged p_ik accumulated into a
 //       float64 row accumulator, the others written to P (fp32)
 //     acc = acc * scale + P @ r_f32              (MKL sgemm, addmm_)
+//   rows with many flags (DENSE_SHARE, moderate sigma) take float64 GEMMs for
+//   their logits and their weighted sum instead of per-entry re-evaluation
 //   t_i = (acc64_i + acc_i) / s_i,  lse_i = m_i + log s_i
 //
 // No B x N x D tensor; working memory is the B x C tiles plus one fp32 copy
@@ -40,6 +42,8 @@ namespace {
 // Keep in sync with fastdiff/ops/stf.py: gemm_gamma(D) and ERROR_BUDGET.
 inline double gemm_gamma(int64_t D) { return std::ldexp(1.0, -24) * (8.0 + 2.0 * std::sqrt((double)D)); }
 constexpr double kErrorBudget = 1e-5;
+// Keep in sync with fastdiff/ops/stf.py: DENSE_SHARE (rows with more flags take float64 GEMMs).
+constexpr double kDenseShare = 1.0 / 4.0;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
@@ -183,6 +187,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   double rnorm_max = 0.0, lever = 0.0, rn_max = 0.0;
   std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B);
   const double gamma = gemm_gamma(D);
+  const double gamma64 = std::ldexp(1.0, -53) * (8.0 + 2.0 * std::sqrt((double)D));  // gemm_gamma(D, 2^-53)
   auto norms_pass = [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "stf_target_rnorm", [&] {
       using ref_t = scalar_t;
@@ -241,6 +246,8 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   at::Tensor P_buf = at::empty({B * C}, f32);
   at::Tensor rc_buf = ref_is_f32 ? at::Tensor() : at::empty({C * D}, f32);
   std::vector<double> L((size_t)(B * C));
+  std::vector<int64_t> dense_pos(B, -1);  // row i's index among the chunk's dense rows, or -1
+  const auto f64 = x.options().dtype(at::kDouble);
   float* ACC = acc.data_ptr<float>();
   // With one chunk, the norms pass follows the first GEMM, which has just
   // streamed ref through the cache; with several, the bounds need max ||r||
@@ -267,18 +274,35 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     const float* RCF = rcf.data_ptr<float>();
     const double* RC64 = ref_is_f64 ? ref.data_ptr<double>() + k0 * D : nullptr;
 
+    const double* rn_c = rn.data() + k0;
+    const double* rnorm_c = rnorm.data() + k0;
+    const float* rnf_c = rnf.data() + k0;
+    // Rule A (fastdiff/ops/stf.py, flag_entries): an error bound with
+    // log(expm1(e)) <= budget_a is negligible at any weight; if the row's
+    // largest e passes it, no entry of the row is flagged. Otherwise the slack
+    // grows with e_ik, so the row's largest e gives a cheap reject threshold
+    // before the exact test of rule B.
+    auto reject_threshold = [&](int64_t i, double g, double mlow) {
+      const double e_max = g * (rn_max + 2.0 * xnorm[i] * rnorm_max) * inv2s2[i];
+      const double lem1_max = log_expm1(e_max);
+      return lem1_max <= log_budget[i] + std::log((double)N) ? std::numeric_limits<double>::infinity()
+                                                              : log_budget[i] + mlow - e_max - lem1_max;
+    };
+    auto flagged_entry = [&](int64_t i, int64_t k, double g, double lk, double mlow) {
+      const double ek = g * (rn_c[k] + 2.0 * xnorm[i] * rnorm_c[k]) * inv2s2[i];
+      const double lem1 = log_expm1(ek);
+      return lem1 > log_budget[i] + std::log((double)N) && lk + ek - mlow + lem1 > log_budget[i];  // A and B
+    };
+
+    // Stage A: GEMM logits, the chunk's lower bound on the max, and how many
+    // entries the fp32 bound flags; rows with many (DENSE_SHARE in stf.py)
+    // take float64 GEMMs instead of one direct difference per entry.
+    const int64_t dense_min = std::max<int64_t>(1, static_cast<int64_t>(kDenseShare * static_cast<double>(c)));
     at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<int64_t> flagged;
       for (int64_t i = i0; i < i1; ++i) {
         const float* g = GP + i * c;
         double* l = L.data() + i * c;
-        float* p = PP + i * c;
         const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
-        const double* rn_c = rn.data() + k0;
-        const double* rnorm_c = rnorm.data() + k0;
-        const float* rnf_c = rnf.data() + k0;
-
-        // Pass 1: GEMM logits and the chunk's lower bound on the max.
         double low = kNegInf;
         for (int64_t k = 0; k < c; ++k) {
           const float a = 2.0f * g[k] - rnf_c[k];
@@ -289,46 +313,88 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         }
         const double mlow = std::max(m_low[i], low);
         m_low[i] = mlow;
+        const double reject = reject_threshold(i, gamma, mlow);
+        int64_t count = 0;
+        if (reject != std::numeric_limits<double>::infinity())
+          for (int64_t k = 0; k < c; ++k)
+            if (l[k] > reject && flagged_entry(i, k, gamma, l[k], mlow)) ++count;
+        dense_pos[i] = count > dense_min ? 0 : -1;
+      }
+    });
+    std::vector<int64_t> drows;
+    for (int64_t i = 0; i < B; ++i)
+      if (dense_pos[i] >= 0) {
+        dense_pos[i] = static_cast<int64_t>(drows.size());
+        drows.push_back(i);
+      }
+    const int64_t nd = static_cast<int64_t>(drows.size());
+    at::Tensor rc64, P64;
+    double* P64P = nullptr;
+    if (nd > 0) {
+      // float64 expansion for the dense rows: its bound (gamma64) is ~1e-9 of the fp32 one.
+      rc64 = ref_is_f64 ? rc : rcf.to(at::kDouble);
+      at::Tensor xd = at::empty({nd, D}, f64);
+      double* XD = xd.data_ptr<double>();
+      for (int64_t j = 0; j < nd; ++j) std::copy(X64 + drows[j] * D, X64 + (drows[j] + 1) * D, XD + j * D);
+      const at::Tensor G64 = at::mm(xd, rc64.t());
+      const double* g64 = G64.data_ptr<double>();
+      P64 = at::empty({nd, c}, f64);
+      P64P = P64.data_ptr<double>();
+      at::parallel_for(0, nd, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i = drows[j];
+          double* l = L.data() + i * c;
+          const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
+          double low = kNegInf;
+          for (int64_t k = 0; k < c; ++k) {
+            const double lk = (2.0 * g64[j * c + k] - rn_c[k]) * w - off;
+            l[k] = lk;
+            low = std::max(low, lk - gamma64 * (rn_c[k] + two_xn * rnorm_c[k]) * w);
+          }
+          m_low[i] = std::max(m_low[i], low);
+        }
+      });
+    }
 
-        // Pass 2: flag the entries whose bounded error could move t_i by more
-        // than their share of the budget; re-evaluate them exactly. The slack
-        // grows with e_ik, so the row's largest possible e gives a cheap
-        // reject threshold before the exact test.
-        // Rule A (fastdiff/ops/stf.py, flag_entries): an error bound with
-        // log(expm1(e)) <= budget_a is negligible at any weight; if the row's
-        // largest e passes it, no entry of the row is flagged.
-        const double e_max = gamma * (rn_max + two_xn * rnorm_max) * w;
-        const double budget_a = log_budget[i] + std::log((double)N);
-        const double lem1_max = log_expm1(e_max);
-        const double reject = lem1_max <= budget_a ? std::numeric_limits<double>::infinity()
-                                                   : log_budget[i] + mlow - e_max - lem1_max;
+    // Stage B: exact re-evaluation of the entries still flagged, online log-sum-exp.
+    at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<int64_t> flagged;
+      for (int64_t i = i0; i < i1; ++i) {
+        double* l = L.data() + i * c;
+        float* p = PP + i * c;
+        const double w = inv2s2[i];
+        const int64_t dj = dense_pos[i];
+        const double g = dj >= 0 ? gamma64 : gamma;
+        const double mlow = m_low[i];
+        const double reject = reject_threshold(i, g, mlow);
         flagged.clear();
         double mx = kNegInf;
         for (int64_t k = 0; k < c; ++k) {
           double lk = l[k];
-          if (lk > reject) {
-            const double ek = gamma * (rn_c[k] + two_xn * rnorm_c[k]) * w;
-            const double lem1 = log_expm1(ek);
-            if (lem1 > budget_a && lk + ek - mlow + lem1 > log_budget[i]) {  // rules A and B
-              lk = RC64 ? -sqdist(X64 + i * D, RC64 + k * D, D) * w
-                        : -sqdist(X64 + i * D, RCF + k * D, D) * w;
-              l[k] = lk;
-              flagged.push_back(k);
-            }
+          if (lk > reject && flagged_entry(i, k, g, lk, mlow)) {
+            lk = RC64 ? -sqdist(X64 + i * D, RC64 + k * D, D) * w
+                      : -sqdist(X64 + i * D, RCF + k * D, D) * w;
+            l[k] = lk;
+            flagged.push_back(k);
           }
           mx = std::max(mx, lk);
         }
 
-        // Pass 3: online log-sum-exp.
         const double m_new = std::max(m[i], mx);
         const double scale = m[i] == kNegInf ? 0.0 : std::exp(m[i] - m_new);
         double srow = 0.0;
+        double* p64 = dj >= 0 ? P64P + dj * c : nullptr;
         for (int64_t k = 0; k < c; ++k) {
           const double z = l[k] - m_new;
           // exp underflows to 0 below about -745: skip it.
           const double pk = z < -746.0 ? 0.0 : std::exp(z);
           srow += pk;
-          p[k] = static_cast<float>(pk);
+          if (p64) {
+            p64[k] = pk;   // dense row: its weighted sum is a float64 GEMM below
+            p[k] = 0.0f;
+          } else {
+            p[k] = static_cast<float>(pk);
+          }
         }
         ssum[i] = ssum[i] * scale + srow;
         double* a64 = acc64.get() + i * D;
@@ -343,6 +409,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
             any64[i] = 1;
           }
           p[k] = 0.0f;
+          if (p64) p64[k] = 0.0;
         }
         float* ai = ACC + i * D;
         if (k0 > 0 && scale != 1.0) {
@@ -352,6 +419,21 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         m[i] = m_new;
       }
     });
+    if (nd > 0) {
+      const at::Tensor A64 = at::mm(P64, rc64);
+      const double* AP = A64.data_ptr<double>();
+      at::parallel_for(0, nd, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i = drows[j];
+          double* a64 = acc64.get() + i * D;
+          if (!any64[i]) {
+            std::fill(a64, a64 + D, 0.0);
+            any64[i] = 1;
+          }
+          for (int64_t d = 0; d < D; ++d) a64[d] += AP[j * D + d];
+        }
+      });
+    }
     if (k0 == 0)
       at::mm_out(acc, P, rcf);
     else
