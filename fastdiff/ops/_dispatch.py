@@ -150,6 +150,12 @@ def _load(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def check_backend(backend: str) -> None:
+    """ValueError unless `backend` is "auto" or one of BACKENDS."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
 def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     """The (backend name, implementation) that runs `op` for `backend` on `device_type`.
 
@@ -162,8 +168,7 @@ def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
             if cand in impls and backend_status(cand, device_type, op).available:
                 return cand, _load(impls[cand])
         return "torch", _load(impls["torch"])
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend not in impls:
         raise RuntimeError(f"op {op!r} has no {backend!r} backend; available: {sorted(impls)}")
     status = backend_status(backend, device_type, op)

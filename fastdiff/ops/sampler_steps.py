@@ -79,11 +79,6 @@ def _resolve(op: str, backend: str, device_type: str):
     return _dispatch.resolve(op, backend, device_type)[1]
 
 
-def _check_backend(backend: str) -> None:
-    if backend != "auto" and backend not in _dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + _dispatch.BACKENDS}, got {backend!r}")
-
-
 # ----------------------------------------------------------------------------
 # the custom ops
 # ----------------------------------------------------------------------------
@@ -120,7 +115,7 @@ def _(x, denoised, x_next, denoised_next, sigma, sigma_next, backend):
 def affine_step(x: torch.Tensor, u: torch.Tensor, a: float, b: float, v: torch.Tensor | None = None,
                 c: float = 0.0, *, backend: str = "auto") -> torch.Tensor:
     """a x + b u (+ c v) in one kernel; x, u, v of one shape, dtype (float32/64) and device."""
-    _check_backend(backend)
+    _dispatch.check_backend(backend)
     _check_state("x", x)
     _check_state("u", u, x)
     if v is not None:
@@ -141,7 +136,7 @@ def heun_correct(x: torch.Tensor, denoised: torch.Tensor, x_next: torch.Tensor,
                  denoised_next: torch.Tensor, sigma: float, sigma_next: float, *,
                  backend: str = "auto") -> torch.Tensor:
     """Heun's second-order correction x + h/2 (d + d') in one kernel (EDM Alg. 1, line 8)."""
-    _check_backend(backend)
+    _dispatch.check_backend(backend)
     _check_state("x", x)
     for name, t in (("denoised", denoised), ("x_next", x_next), ("denoised_next", denoised_next)):
         _check_state(name, t, x)

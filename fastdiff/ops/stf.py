@@ -33,9 +33,9 @@ import os
 import torch
 
 from fastdiff.ops import _dispatch
+from fastdiff.ops._checks import FLOAT_DTYPES, check_tensor
 
 PRECISIONS = ("highest", "tf32x3", "tf32", "bf16")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # Per-call working memory of the chunked backends: the B x chunk logit tiles
 # (and the float32 copy of a chunk of ref, if ref is not float32) stay within
@@ -103,14 +103,6 @@ def chunk_rows(B: int, N: int, D: int, ref_dtype: torch.dtype) -> int:
 # argument checks
 # ----------------------------------------------------------------------------
 
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a floating dtype (float32, float16, bfloat16 or float64), "
-                        f"got {t.dtype}")
-
-
 def _checking_values() -> bool:
     # Value checks read data back to the host; skip them while torch.compile
     # traces (the graph must not break) and let the caller opt out for hot loops.
@@ -157,8 +149,8 @@ _CHECKS_DATA = ("cpu",)
 
 def _prepare(x, sigma, ref, check_data: bool = True):
     """Checks the arguments; returns x as (B, D), sigma as (B,) float32, ref as (N, D)."""
-    _check_tensor("x", x)
-    _check_tensor("ref", ref)
+    check_tensor("x", x)
+    check_tensor("ref", ref)
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension: shape (B, *S), got a 0-d tensor")
     if ref.dim() != x.dim() or ref.shape[1:] != x.shape[1:]:
@@ -180,8 +172,7 @@ def _prepare(x, sigma, ref, check_data: bool = True):
 def _check_mode(precision: str, backend: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if backend != "auto" and backend not in _dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + _dispatch.BACKENDS}, got {backend!r}")
+    _dispatch.check_backend(backend)
 
 
 # ----------------------------------------------------------------------------

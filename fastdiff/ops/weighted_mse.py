@@ -37,9 +37,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastdiff.ops import _dispatch
+from fastdiff.ops._checks import check_tensor
 
-PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FLOAT_DTYPES = PRED_DTYPES
 
 # Elements per piece of the torch backend: its float32 temporaries stay this
 # small whatever the input's size.
@@ -54,14 +53,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------
 # argument checks
 # ----------------------------------------------------------------------------
-
-def _check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype {names}; got {t.dtype}")
-
 
 def _weight_rows(weight: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, int, int]:
     """weight as one value per row of the (R, D) view of pred; returns (w (R,), R, D).
@@ -92,11 +83,11 @@ def _weight_rows(weight: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor,
 
 def _prepare(pred, target, weight):
     """Checks the arguments; returns pred and target as (R, D), weight as (R,)."""
-    _check_tensor("pred", pred, PRED_DTYPES)
-    _check_tensor("target", target)
+    check_tensor("pred", pred)
+    check_tensor("target", target)
     if isinstance(weight, (int, float)) and not isinstance(weight, bool):
         weight = torch.tensor(float(weight), dtype=acc_dtype(pred.dtype), device=pred.device)
-    _check_tensor("weight", weight)
+    check_tensor("weight", weight)
     if target.shape != pred.shape:
         raise ValueError(f"target must have pred's shape {tuple(pred.shape)}; got {tuple(target.shape)}")
     if target.device != pred.device:
@@ -194,8 +185,7 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight, *, backend: s
     NaN or Inf in the inputs propagate to the loss (no value check: this op
     is on the training hot path and reads nothing back to the host).
     """
-    if backend != "auto" and backend not in _dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + _dispatch.BACKENDS}, got {backend!r}")
+    _dispatch.check_backend(backend)
     p2, t2, w = _prepare(pred, target, weight)
     if not torch.compiler.is_compiling():
         _dispatch.resolve("weighted_mse", backend, p2.device.type)  # unavailable backends raise here
