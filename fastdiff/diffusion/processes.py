@@ -198,7 +198,15 @@ class VEProcess(Process):
         return torch.ones_like(_t(sigma))
 
 
-class VPProcess(Process):
+class _VariancePreserving(Process):
+    """alpha^2 + sigma^2 = 1, so alpha = 1 / sqrt(1 + sigma_ve^2)."""
+
+    def alpha_of_sigma_ve(self, sigma):
+        s = _t(sigma)
+        return torch.rsqrt(1 + s * s)
+
+
+class VPProcess(_VariancePreserving):
     name = "vp"
 
     def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, t_min: float = 1e-5, t_max: float = 1.0):
@@ -233,12 +241,8 @@ class VPProcess(Process):
             return g / self.beta_min
         return ((self.beta_min ** 2 + 2 * self.beta_d * g).sqrt() - self.beta_min) / self.beta_d
 
-    def alpha_of_sigma_ve(self, sigma):
-        s = _t(sigma)
-        return torch.rsqrt(1 + s * s)
 
-
-class CosineProcess(Process):
+class CosineProcess(_VariancePreserving):
     """Variance-preserving with lam(t) = -2 log tan(pi t / 2) + 2 log(shift)."""
 
     name = "vp_cosine"
@@ -267,10 +271,6 @@ class CosineProcess(Process):
 
     def _t_of_lambda(self, lam):
         return (2 / math.pi) * torch.atan(torch.exp(-0.5 * (lam - 2 * self._logshift)))
-
-    def alpha_of_sigma_ve(self, sigma):
-        s = _t(sigma)
-        return torch.rsqrt(1 + s * s)
 
 
 class EDMProcess(Process):
