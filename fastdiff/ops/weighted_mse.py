@@ -74,7 +74,10 @@ def _weight_rows(weight: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor,
             batch = f"({shape[0]},) per sample or " if nd else ""
             raise ValueError(f"weight must have shape {batch}a shape broadcastable to pred's "
                              f"{tuple(shape)}; got {tuple(weight.shape)}")
-    k = max((i + 1 for i, s in enumerate(wshape) if s != 1), default=0)
+    k = 0                            # dims [0, k) of pred are rows; a loop, as dynamo (torch 2.11)
+    for i, s in enumerate(wshape):   # cannot trace max(genexpr, default=...)
+        if s != 1:
+            k = i + 1
     R = math.prod(shape[:k])
     D = math.prod(shape[k:])
     w = weight.reshape(wshape[:k]).expand(tuple(shape[:k])).reshape(R)
