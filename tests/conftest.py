@@ -11,6 +11,10 @@ import zlib
 import pytest
 import torch
 
+if os.environ.get("TRITON_INTERPRET") == "1":      # the interpreter subprocesses
+    from _triton_compat import patch_triton_interpreter
+    patch_triton_interpreter()
+
 # One inductor cache for the whole run: compiled graphs are reused across tests.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fastdiff-inductor"))
 

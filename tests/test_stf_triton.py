@@ -276,4 +276,6 @@ def test_kernels_compile_for_sm90(name):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (sets TRITON_INTERPRET=1)"
+    from _triton_compat import patch_triton_interpreter
+    patch_triton_interpreter()
     print("REPORT " + json.dumps(_worker()))
