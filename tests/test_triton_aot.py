@@ -1,0 +1,98 @@
+"""Every Triton kernel compiled ahead of time for sm_90 (Hopper) to a cubin: no GPU needed.
+
+The interpreter (tests/test_stf_triton.py, the triton cases of test_weighted_mse.py and
+test_sampling.py) checks what the kernels compute; it lets through what only the compiler
+rejects (types across scf.if, float64 math, tf32x3 dots, rounding modes of bf16/fp16
+stores, 64-bit offsets). This compiles each kernel with the signatures our launchers use.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_F16, _BF16, _F32, _F64, _I32, _I64 = "*fp16", "*bf16", "*fp32", "*fp64", "i32", "i64"
+
+# name -> (module, kernel, signature of the non-constexpr arguments, constexprs, options)
+_AOT = {
+    # --- stf_target (kernels/stf.py)
+    "stf_logits_tf32x3": ("stf", "_logits_kernel",
+                          dict(X=_F32, R=_F32, RN32=_F32, INV2S2_32=_F32, G=_F32, B=_I32, N=_I32, D=_I32, Cs=_I32,
+                               span=_I32, j0=_I32),
+                          dict(PREC="tf32x3", BF16=False, BM=128, BN=128, BK=32), dict(num_warps=8, num_stages=3)),
+    "stf_logits_bf16": ("stf", "_logits_kernel",
+                        dict(X=_BF16, R=_BF16, RN32=_F32, INV2S2_32=_F32, G=_F32, B=_I32, N=_I32, D=_I32, Cs=_I32,
+                             span=_I32, j0=_I32),
+                        dict(PREC="ieee", BF16=True, BM=64, BN=64, BK=32), dict(num_warps=4, num_stages=4)),
+    "stf_row_exact": ("stf", "_row_kernel",
+                      dict(G=_F32, E64=_F64, X=_F32, R=_F64, RN=_F64, RNORM=_F64, XN=_F64, XNORM=_F64, INV2S2=_F64,
+                           LB=_F64, LBE=_F64, M=_F64, ML=_F64, L=_F64, L64=_F64, SCALE=_F32, ACC64=_F64, B=_I32,
+                           N=_I32, D=_I32, Cs=_I32, span=_I32, j0=_I32, gamma="fp32"),
+                      dict(EXACT=True, BLK=128, BD=64), dict(num_warps=4)),
+    "stf_pv_tf32x3": ("stf", "_pv_kernel",
+                      dict(P=_F32, R=_F16, SCALE=_F32, ACC_IN=_F32, ACC_OUT=_F32, B=_I32, N=_I32, D=_I32, Cs=_I32,
+                           span=_I32, j0=_I32),
+                      dict(PREC="tf32x3", BF16=False, BM=128, BD=128, BK=32), dict(num_warps=8, num_stages=3)),
+    "stf_combine": ("stf", "_combine_kernel",
+                    dict(M=_F64, L=_F64, ACC32=_F32, ACC64=_F64, XN=_F64, INV2S2=_F64, T=_BF16, LSE=_F32, B=_I32,
+                         D=_I32, S=_I32),
+                    dict(HAS64=True, BS=4, BD=256), dict()),
+    # --- weighted_mse (kernels/weighted_mse.py): bf16 pred with an fp32 target, fp32, fp64, 64-bit offsets
+    "wmse_fwd_bf16": ("weighted_mse", "_weighted_mse_fwd",
+                      dict(pred_ptr=_BF16, target_ptr=_F32, weight_ptr=_F32, grad_ptr=_BF16, partial_ptr=_F64,
+                           n=_I32, d=_I32),
+                      dict(NEED_GRAD=True, INT64=False, BLOCK=4096), dict(num_warps=8)),
+    "wmse_fwd_fp16_int64": ("weighted_mse", "_weighted_mse_fwd",
+                            dict(pred_ptr=_F16, target_ptr=_F16, weight_ptr=_F32, grad_ptr=_F16, partial_ptr=_F64,
+                                 n=_I64, d=_I64),
+                            dict(NEED_GRAD=True, INT64=True, BLOCK=4096), dict(num_warps=8)),
+    "wmse_fwd_fp32_nograd": ("weighted_mse", "_weighted_mse_fwd",
+                             dict(pred_ptr=_F32, target_ptr=_F32, weight_ptr=_F32, grad_ptr=_F32, partial_ptr=_F64,
+                                  n=_I32, d=_I32),
+                             dict(NEED_GRAD=False, INT64=False, BLOCK=4096), dict(num_warps=8)),
+    "wmse_fwd_fp64": ("weighted_mse", "_weighted_mse_fwd",
+                      dict(pred_ptr=_F64, target_ptr=_F64, weight_ptr=_F64, grad_ptr=_F64, partial_ptr=_F64,
+                           n=_I32, d=_I32),
+                      dict(NEED_GRAD=True, INT64=False, BLOCK=4096), dict(num_warps=8)),
+    "wmse_sum_fp32": ("weighted_mse", "_weighted_mse_sum", dict(partial_ptr=_F64, loss_ptr=_F32, m=_I32, n=_I32),
+                      dict(BLOCK=1024), dict(num_warps=4)),
+    "wmse_sum_fp64_int64": ("weighted_mse", "_weighted_mse_sum",
+                            dict(partial_ptr=_F64, loss_ptr=_F64, m=_I32, n=_I64), dict(BLOCK=1024),
+                            dict(num_warps=4)),
+    # --- sampler steps (kernels/sampler_steps.py): fp32 coefficients, bf16 and fp32 states
+    "affine_bf16_v": ("sampler_steps", "_affine_kernel",
+                      dict(x_ptr=_BF16, u_ptr=_BF16, v_ptr=_BF16, out_ptr=_BF16, n=_I32, a="fp32", b="fp32",
+                           c="fp32"),
+                      dict(HAS_V=True, BLOCK=1024), dict()),
+    "affine_fp32": ("sampler_steps", "_affine_kernel",
+                    dict(x_ptr=_F32, u_ptr=_F32, v_ptr=_F32, out_ptr=_F32, n=_I64, a="fp32", b="fp32", c="fp32"),
+                    dict(HAS_V=False, BLOCK=1024), dict()),
+    "heun_fp16": ("sampler_steps", "_heun_kernel",
+                  dict(x_ptr=_F16, d_ptr=_F16, x1_ptr=_F16, d1_ptr=_F16, out_ptr=_F16, n=_I32, p="fp32", q="fp32"),
+                  dict(BLOCK=1024), dict()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_AOT))
+def test_kernel_compiles_for_sm90(name):
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs Triton's interpreter")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        pytest.skip(f"no ahead-of-time compile API in this triton ({exc})")
+    import importlib
+    module, kernel, sig, const, opts = _AOT[name]
+    fn = getattr(importlib.import_module(f"fastdiff.kernels.{module}"), kernel)
+    while not isinstance(fn, triton.JITFunction):  # autotuned kernels wrap the JITFunction
+        fn = fn.fn
+    missing = set(fn.arg_names) - set(sig) - set(const)
+    assert not missing, f"{kernel}: no signature for {sorted(missing)}"
+    signature = {a: ("constexpr" if a in const else sig[a]) for a in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const),
+                              target=GPUTarget("cuda", 90, 32), options=opts)
+    assert compiled.asm.get("cubin")
+    if "tf32x3" in name:
+        assert "wgmma" in compiled.asm["ptx"] or "mma.sync" in compiled.asm["ptx"], "tf32x3 dot not on tensor cores"
