@@ -9,7 +9,7 @@ Each peer is `fn(x, sigma, ref) -> t` with x (B, D), sigma (B,), ref (N, D):
 - compile:   torch.compile of a well-written plain formula (expansion logits,
   softmax, matmul): fast, but not exact at small sigma.
 - floor:     the two matrix products the op cannot avoid, x @ ref.T and
-  w @ ref, and nothing else.
+  w @ ref, and nothing else, at the precision being compared.
 - torch / cpu / triton / cuda: fastdiff.stf_target with that backend.
 """
 from __future__ import annotations
@@ -48,19 +48,42 @@ def compiled(x, sigma, ref):
     return _compiled(x, sigma, ref)
 
 
-def make_floor(B: int, N: int, dtype=torch.float32, device="cpu"):
-    """The two GEMMs alone, on preallocated weights (their values do not matter)."""
-    w = torch.full((B, N), 1.0 / N, dtype=dtype, device=device)
+def make_floor(B: int, N: int, dtype=torch.float32, device="cpu", precision: str = "highest"):
+    """The two GEMMs alone, on preallocated weights (their values do not matter), at the
+    matching precision: float32 GEMMs for "highest" (cuBLAS without TF32, torch's default),
+    TF32 GEMMs for "tf32" and "tf32x3" (the 3xTF32 mode has no cuBLAS peer; TF32 is the
+    lower bound), bfloat16 operands for "bf16"."""
+    if precision not in ("highest", "tf32x3", "tf32", "bf16"):
+        raise ValueError(f"precision must be 'highest', 'tf32x3', 'tf32' or 'bf16'; got {precision!r}")
+    op_dtype = torch.bfloat16 if precision == "bf16" else dtype
+    w = torch.full((B, N), 1.0 / N, dtype=op_dtype, device=device)
+    cast: dict = {}
+
+    def operands(x, ref):
+        if op_dtype == x.dtype:
+            return x, ref
+        key = (x.data_ptr(), ref.data_ptr())      # cast once per problem, outside the timing
+        if key not in cast:
+            cast.clear()
+            cast[key] = (x.to(op_dtype), ref.to(op_dtype))
+        return cast[key]
 
     def floor(x, sigma, ref):
-        logits = x @ ref.T
-        return w @ ref, logits
+        xo, ro = operands(x, ref)
+        if precision in ("tf32", "tf32x3"):
+            old = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            try:
+                return w @ ro, xo @ ro.T
+            finally:
+                torch.set_float32_matmul_precision(old)
+        return w @ ro, xo @ ro.T
     return floor
 
 
-def backend_peer(backend: str):
+def backend_peer(backend: str, precision: str = "highest"):
     def fn(x, sigma, ref):
-        return fastdiff.stf_target(x, sigma, ref, backend=backend)
+        return fastdiff.stf_target(x, sigma, ref, backend=backend, precision=precision)
     return fn
 
 
@@ -135,14 +158,14 @@ def max_err(t: torch.Tensor, t64: torch.Tensor, sigma: torch.Tensor) -> float:
     return float(e.max())
 
 
-def make_peer(name: str, B: int, N: int, device) -> callable:
+def make_peer(name: str, B: int, N: int, device, precision: str = "highest") -> callable:
     if name == "published":
         return published
     if name == "compile":
         return compiled
     if name == "floor":
-        return make_floor(B, N, device=device)
-    return backend_peer(name)
+        return make_floor(B, N, device=device, precision=precision)
+    return backend_peer(name, precision)
 
 
 def published_bytes(B: int, N: int, D: int, elt: int = 4) -> int:

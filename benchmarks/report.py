@@ -16,7 +16,7 @@ import json
 import sys
 from collections import defaultdict
 
-BASELINES = ("published", "eager")
+BASELINES = ("published", "eager", "highest")
 
 
 def _fmt(v, spec, missing="-"):

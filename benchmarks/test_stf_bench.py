@@ -135,14 +135,53 @@ def test_stf_target(benchmark, peer, size):
     benchmark.extra_info["peak_mib"] = _peak_mib(peer, fn, x, sigma, ref, B, N, D)
 
 
-def _paired_floor_ratio(fn, x, sigma, ref, B, N, D, peer) -> float:
+# Per backend and mode, one group: "highest" (the baseline of the report's "x faster"
+# column, so it reads as the speedup of the mode), the mode, and the floor at the
+# mode's precision (TF32 GEMMs for tf32 and tf32x3, bf16 GEMMs for bf16); both
+# floor columns of the group are against that floor. CUDA only.
+@pytest.mark.skipif(DEVICE != "cuda", reason="the faster precision modes are GPU modes")
+@pytest.mark.parametrize("peer", ["highest", "mode", "floor"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "bf16"])
+@pytest.mark.parametrize("size", [(512, 4096, 3072), (64, 1024, 16384)], ids=lambda s: "B{}-N{}-D{}".format(*s))
+def test_stf_precision_modes(benchmark, size, precision, backend, peer):
+    B, N, D = size
+    status = _dispatch.backend_status(backend, DEVICE, "stf_target")
+    if not status.available:
+        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
+    x, sigma, ref = P.problem(B, N, D, device=DEVICE)
+    mode = {"highest": "highest", "mode": precision, "floor": precision}[peer]
+    inner = P.make_peer("floor" if peer == "floor" else backend, B, N, DEVICE, precision=mode)
+
+    def fn(x, sigma, ref):
+        out = inner(x, sigma, ref)
+        torch.cuda.synchronize()
+        return out
+
+    name = precision if peer == "mode" else peer
+    benchmark.group = f"stf_target B={B} N={N} D={D} {DEVICE} {backend} {precision} vs highest"
+    benchmark.extra_info.update(peer=name, B=B, N=N, D=D, device=DEVICE, backend=backend, precision=mode)
+    out = benchmark.pedantic(fn, args=(x, sigma, ref), rounds=_rounds(peer, B, N, D), iterations=1,
+                             warmup_rounds=1)
+    if peer != "floor":
+        key = (B, N, D)
+        if key not in _oracle_cache:
+            _oracle_cache.clear()
+            _oracle_cache[key] = P.oracle64(x, sigma, ref)
+        benchmark.extra_info["max_err"] = P.max_err(out, _oracle_cache[key], sigma)
+        benchmark.extra_info["x_floor_paired"] = _paired_floor_ratio(fn, x, sigma, ref, B, N, D, peer,
+                                                                     precision=precision)
+
+
+def _paired_floor_ratio(fn, x, sigma, ref, B, N, D, peer, precision="highest") -> float:
     """Median over rounds of time(peer) / time(floor), the two called back to back.
 
     A shared VM drifts in speed over seconds; the medians of two benchmarks run
     one after the other inherit that drift, the ratio of adjacent calls does not.
     """
-    floor = P.make_peer("floor", B, N, DEVICE)
+    floor = P.make_peer("floor", B, N, DEVICE, precision=precision)
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    floor(x, sigma, ref)                                  # casts its operands once
     ratios = []
     for _ in range(_rounds(peer, B, N, D)):
         t0 = time.perf_counter()
