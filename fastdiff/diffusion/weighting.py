@@ -140,6 +140,9 @@ class SoftMinSNRWeighting(Weighting):
 
 
 class SigmoidWeighting(Weighting):
+    """Kingma & Gao's monotone sigmoid weighting w = sigmoid(b - lambda). The default shift
+    b = 2 is the one BayesFlow's diffusion models use for the same weighting, citing the paper;
+    larger b moves weight toward higher log-SNR (less noise)."""
     name, is_monotone = "sigmoid", True
 
     def __init__(self, b: float = 2.0):
