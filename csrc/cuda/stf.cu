@@ -72,6 +72,25 @@ __device__ __forceinline__ double log_expm1(double e) {
   return log(expm1(e));
 }
 
+// Appends this round's flagged entries (one candidate per thread) to flist in thread
+// order and returns how many there are; every thread must call it. Thread order (a
+// ballot and a prefix over the warps, not an atomic counter) keeps the float64 sums
+// over the flagged entries in a fixed order, so results are bitwise reproducible.
+__device__ __forceinline__ int compact_flags(bool f, int lc, int* flist, int* wcount) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const unsigned bal = __ballot_sync(0xffffffffu, f);
+  if (lane == 0) wcount[wid] = __popc(bal);
+  __syncthreads();  // also: every read of flist from the previous round is done
+  int before = 0, total = 0;
+  for (int w = 0; w < nw; ++w) {
+    before += w < wid ? wcount[w] : 0;
+    total += wcount[w];
+  }
+  if (f) flist[before + __popc(bal & ((1u << lane) - 1u))] = lc;
+  __syncthreads();  // flist complete; wcount may be rewritten by the next call
+  return total;
+}
+
 // Whether an entry's bounded fp32 error could matter (kernels/stf.py, "Flags").
 __device__ __forceinline__ bool flagged(double g, double e, double ml, double lb, double lbe) {
   const double le = log_expm1(e);
@@ -269,7 +288,7 @@ template <bool kExact, typename T>
 __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q) {
   __shared__ double sh[32];
   __shared__ int flist[kRowThreads];
-  __shared__ int fcount;
+  __shared__ int wcount[kRowThreads / 32];
   __shared__ double fmx;
   const int b = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
   const int idx = s * q.B + b;
@@ -307,11 +326,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
       if (!f) mx = fmax(mx, gv);
     }
     if (kExact) {
-      if (tid == 0) fcount = 0;
-      __syncthreads();
-      if (f) flist[atomicAdd(&fcount, 1)] = lc;
-      __syncthreads();
-      const int nf = fcount;
+      const int nf = compact_flags(f, lc, flist, wcount);
       for (int i = 0; i < nf; ++i) {
         const int flc = flist[i];
         const T* r = ref + static_cast<long long>(q.col(s, flc)) * D;
@@ -353,11 +368,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
     if (lc < q.Cs) g[lc] = static_cast<float>(p);
     lsum += p;
     if (kExact) {
-      if (tid == 0) fcount = 0;
-      __syncthreads();
-      if (f) flist[atomicAdd(&fcount, 1)] = lc;
-      __syncthreads();
-      const int nf = fcount;
+      const int nf = compact_flags(f, lc, flist, wcount);
       for (int i = 0; i < nf; ++i) {
         const int flc = flist[i];
         const double w = exp(e64[flc] - m_new);
@@ -365,7 +376,6 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
         const T* r = ref + static_cast<long long>(q.col(s, flc)) * D;
         for (int j = tid; j < D; j += kRowThreads) acc64[j] += w * to_double(r[j]);  // thread j owns acc64[j]
       }
-      __syncthreads();  // flist/fcount are rewritten in the next round
     }
   }
   lsum = block_reduce<false>(lsum, sh);
