@@ -360,3 +360,45 @@ def test_no_features(backend):
         lse = torch.full((3,), float("nan"), device="cuda")
         impl(x, torch.full((3,), 0.5, device="cuda"), ref, "highest", torch.empty_like(x), lse)
         torch.testing.assert_close(lse, torch.full((3,), math.log(5.0), device="cuda"))
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("D", [3072, 16384])
+@pytest.mark.parametrize("sigma", [0.002, 0.02, 0.5])
+def test_highest_mean_offset_data(backend, D, sigma):
+    """The full-size cases shifted by +8: the same distances, but ||x||^2 ~ 64 D, where
+    the expansion cancels worst and the tensor cores' accumulation error is largest."""
+    x, s, ref = near_duplicate_case(64, 1024, D, sigma)
+    x, s, ref = (x + 8.0).cuda(), s.cuda(), (ref + 8.0).cuda()
+    t, lse = _run_poisoned(backend, x, s, ref)
+    _check(t, lse, x, s, ref)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["randn", "positive", "offset"])
+@pytest.mark.parametrize("D", [1, 7, 48, 300, 3072, 12288, 16384])
+def test_gemm_error_within_the_flag_bound(backend, kind, D):
+    """The premise of the flag rule on real tensor cores: the logit GEMM's error is within
+    the bound the kernels use, e = 2 (gemm_gamma(D) + TF32X3_EXTRA) (||r||^2 + 2 ||x|| ||r||)
+    / (2 sigma^2) (tests/test_stf.py checks gemm_gamma for IEEE fp32 GEMMs on CPU only;
+    tensor cores accumulate with their own rounding). With N = 1 and no re-evaluation
+    ("tf32x3"), lse_i = g_i - ||x_i||^2 / (2 sigma^2) carries g_i's GEMM error unchanged."""
+    from fastdiff.kernels.stf import TF32X3_EXTRA
+    B = 512
+    r = {"randn": torch.randn(1, D), "positive": torch.rand(1, D), "offset": torch.rand(1, D) * 2 - 1 + 8.0}[kind]
+    x = r + torch.randn(B, D)                   # sigma = 1: near r, the cancelling case
+    x, r = x.cuda(), r.cuda()
+    s = torch.ones(B, device="cuda")
+    _, lse = _run_poisoned(backend, x, s, r, precision="tf32x3")
+    _, lse64 = oracle(x, s, r)
+    x64, r64 = x.double(), r.double()
+    gamma = 2.0 * (stf.gemm_gamma(D) + TF32X3_EXTRA)
+    bound = gamma * ((r64 * r64).sum() + 2.0 * x64.norm(dim=1) * r64.norm()) * 0.5
+    err = (lse.double() - lse64).abs()
+    ratio = (err / bound).max().item()
+    print(f"{backend} {kind} D={D}: max GEMM error / bound = {ratio:.3g}")
+    assert (err <= bound + 2.0 ** -23 * lse64.abs()).all(), f"GEMM error {ratio:.3g}x the flag bound"

@@ -200,6 +200,15 @@ __device__ void gemm_tile(int K, LA loadA, LB loadB, GemmSmem& sm, float (*out)[
     }
     __syncthreads();
 #if __CUDA_ARCH__ >= 800
+    // Each k-tile is summed on the tensor cores in a fresh fragment and added to acc by IEEE
+    // fp32 adds: tensor cores round their fp32 accumulation toward zero (Fasi et al., "Numerical
+    // behavior of NVIDIA tensor cores", 2021), a one-sided error that would grow with K (~3 MMAs
+    // per 8 columns in tf32x3) past the bound gemm_gamma, which was measured on round-to-nearest
+    // GEMMs. Here the tensor cores only ever sum 16 columns. tests/test_stf_gpu.py
+    // (test_gemm_error_within_the_flag_bound) measures the bound on the GPU.
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> part[2][2];
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(part[i][j], 0.0f);
     for (int kk = 0; kk < kBK; kk += 8) {
       wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> ah[2], al[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> bh[2], bl[2];
@@ -220,12 +229,15 @@ __device__ void gemm_tile(int K, LA loadA, LB loadB, GemmSmem& sm, float (*out)[
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) {
           if (kMode == kTf32x3) {  // small products first: lo*hi + hi*lo + hi*hi
-            wmma::mma_sync(acc[i][j], al[i], bh[j], acc[i][j]);
-            wmma::mma_sync(acc[i][j], ah[i], bl[j], acc[i][j]);
+            wmma::mma_sync(part[i][j], al[i], bh[j], part[i][j]);
+            wmma::mma_sync(part[i][j], ah[i], bl[j], part[i][j]);
           }
-          wmma::mma_sync(acc[i][j], ah[i], bh[j], acc[i][j]);
+          wmma::mma_sync(part[i][j], ah[i], bh[j], part[i][j]);
         }
     }
+    for (int i = 0; i < 2; ++i)  // accumulator fragments of one shape share their element layout
+      for (int j = 0; j < 2; ++j)
+        for (int t = 0; t < acc[i][j].num_elements; ++t) acc[i][j].x[t] += part[i][j].x[t];
 #else
     for (int k = 0; k < kBK; ++k)
       for (int i = 0; i < 4; ++i)
