@@ -369,11 +369,19 @@ def test_no_features(backend):
 @pytest.mark.parametrize("sigma", [0.002, 0.02, 0.5])
 def test_highest_mean_offset_data(backend, D, sigma):
     """The full-size cases shifted by +8: the same distances, but ||x||^2 ~ 64 D, where
-    the expansion cancels worst and the tensor cores' accumulation error is largest."""
+    the expansion cancels worst and the tensor cores' accumulation error is largest.
+    Data this far outside [-1, 1] puts t's own float32 rounding (ulp(8) ~ 1e-6) at
+    ~1.4e-4 noise units at sigma = 0.002 (the cpu backend measures 1.1e-4), so the
+    contract is checked on top of twice that rounding."""
     x, s, ref = near_duplicate_case(64, 1024, D, sigma)
     x, s, ref = (x + 8.0).cuda(), s.cuda(), (ref + 8.0).cuda()
     t, lse = _run_poisoned(backend, x, s, ref)
-    _check(t, lse, x, s, ref)
+    t64, lse64 = oracle(x, s, ref)
+    rounding = (t64.float().double() - t64).norm(dim=1)
+    got = (t.double() - t64).norm(dim=1)
+    allowed = CONTRACT * s.double() * math.sqrt(D) + 2.0 * rounding
+    assert (got <= allowed).all(), f"max err {row_err(t, t64, s).max().item():.3g} beyond contract + rounding"
+    torch.testing.assert_close(lse.double(), lse64, rtol=1e-6, atol=1e-5)
 
 
 @needs_gpu
