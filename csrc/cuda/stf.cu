@@ -201,11 +201,11 @@ __device__ void gemm_tile(int K, LA loadA, LB loadB, GemmSmem& sm, float (*out)[
     __syncthreads();
 #if __CUDA_ARCH__ >= 800
     // Each k-tile is summed on the tensor cores in a fresh fragment and added to acc by IEEE
-    // fp32 adds: tensor cores round their fp32 accumulation toward zero (Fasi et al., "Numerical
-    // behavior of NVIDIA tensor cores", 2021), a one-sided error that would grow with K (~3 MMAs
-    // per 8 columns in tf32x3) past the bound gemm_gamma, which was measured on round-to-nearest
-    // GEMMs. Here the tensor cores only ever sum 16 columns. tests/test_stf_gpu.py
-    // (test_gemm_error_within_the_flag_bound) measures the bound on the GPU.
+    // fp32 adds: tensor cores were measured to truncate (round toward zero) in their fp32
+    // accumulation (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), a one-sided
+    // error that would grow with K (3 MMAs per 8 columns in tf32x3) past gemm_gamma, a bound
+    // measured on round-to-nearest GEMMs. Here the tensor cores only ever sum 16 columns.
+    // tests/test_stf_gpu.py (test_gemm_error_within_the_flag_bound) measures it on the GPU.
     wmma::fragment<wmma::accumulator, 16, 16, 8, float> part[2][2];
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(part[i][j], 0.0f);
