@@ -159,6 +159,15 @@ def test_ragged_sizes(backend, B, N, D, sigma):
     assert_lse(lse, x, s, ref)
 
 
+def test_no_features(backend):
+    """x of shape (B, 0, ...): every logit is 0, t is empty and lse = log N (the torch
+    backend divided by D; the CUDA kernels' grids would have a zero dimension)."""
+    x, ref = torch.rand(3, 0, 4), torch.rand(5, 0, 4)
+    t, lse = run(backend, x, 0.5, ref)
+    assert t.shape == x.shape
+    torch.testing.assert_close(lse, torch.full((3,), math.log(5.0)))
+
+
 def test_image_shaped_input(backend):
     ref = torch.rand(9, 3, 4, 5) * 2 - 1
     x = ref[:2] + 0.1 * torch.randn(2, 3, 4, 5)

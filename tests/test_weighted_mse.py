@@ -178,6 +178,38 @@ def test_zero_weights_and_extreme_values(backend, device, gen):
                       (GRAD_TOL[dtype][0], GRAD_TOL[dtype][1] + 1e-6 * float(want_grad.abs().max())))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=IDS)
+def test_offset_pointers(backend, device, dtype, gen):
+    """pred, target and grad starting at odd element offsets (not 16-byte aligned: the
+    CUDA kernel's scalar path instead of its vector loads): the same bits as aligned."""
+    _skip_unavailable(backend, device)
+    pred, target, weight = _inputs((5, 1001), (5,), dtype, device, gen)
+    p2, t2, w2 = _prepare(pred, target, weight)
+    _, impl = _dispatch.resolve("weighted_mse", backend, device)
+
+    def at_offset(t, off):
+        buf = torch.empty(t.numel() + off, dtype=t.dtype, device=t.device)
+        v = buf[off:].view(t.shape)
+        v.copy_(t)
+        return v
+
+    runs = []
+    for po, to, go in [(0, 0, 0), (1, 1, 1), (0, 3, 0), (2, 0, 1), (0, 0, 3)]:
+        loss = torch.full((), math.nan, dtype=acc_dtype(dtype), device=device)
+        grad = at_offset(torch.full_like(p2, math.nan), go)
+        impl(at_offset(p2, po), at_offset(t2, to), w2, loss, grad, True)
+        runs.append((loss, grad.clone()))
+    want_loss, want_grad = reference(pred, target, weight)
+    _assert_close("loss", runs[0][0], want_loss, LOSS_TOL[dtype])
+    scale = float(want_grad.abs().max())
+    rtol, atol = GRAD_TOL[dtype]
+    _assert_close("grad", runs[0][1], want_grad.reshape(p2.shape),
+                  (rtol, max(atol, 1e-7 * scale if dtype == torch.float32 else 0.0)))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=IDS)
 def test_deterministic(backend, device, gen):
     _skip_unavailable(backend, device)

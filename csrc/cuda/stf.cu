@@ -72,6 +72,25 @@ __device__ __forceinline__ double log_expm1(double e) {
   return log(expm1(e));
 }
 
+// Appends this round's flagged entries (one candidate per thread) to flist in thread
+// order and returns how many there are; every thread must call it. Thread order (a
+// ballot and a prefix over the warps, not an atomic counter) keeps the float64 sums
+// over the flagged entries in a fixed order, so results are bitwise reproducible.
+__device__ __forceinline__ int compact_flags(bool f, int lc, int* flist, int* wcount) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const unsigned bal = __ballot_sync(0xffffffffu, f);
+  if (lane == 0) wcount[wid] = __popc(bal);
+  __syncthreads();  // also: every read of flist from the previous round is done
+  int before = 0, total = 0;
+  for (int w = 0; w < nw; ++w) {
+    before += w < wid ? wcount[w] : 0;
+    total += wcount[w];
+  }
+  if (f) flist[before + __popc(bal & ((1u << lane) - 1u))] = lc;
+  __syncthreads();  // flist complete; wcount may be rewritten by the next call
+  return total;
+}
+
 // Whether an entry's bounded fp32 error could matter (kernels/stf.py, "Flags").
 __device__ __forceinline__ bool flagged(double g, double e, double ml, double lb, double lbe) {
   const double le = log_expm1(e);
@@ -181,6 +200,15 @@ __device__ void gemm_tile(int K, LA loadA, LB loadB, GemmSmem& sm, float (*out)[
     }
     __syncthreads();
 #if __CUDA_ARCH__ >= 800
+    // Each k-tile is summed on the tensor cores in a fresh fragment and added to acc by IEEE
+    // fp32 adds: tensor cores were measured to truncate (round toward zero) in their fp32
+    // accumulation (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), a one-sided
+    // error that would grow with K (3 MMAs per 8 columns in tf32x3) past gemm_gamma, a bound
+    // measured on round-to-nearest GEMMs. Here the tensor cores only ever sum 16 columns.
+    // tests/test_stf_gpu.py (test_gemm_error_within_the_flag_bound) measures it on the GPU.
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> part[2][2];
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(part[i][j], 0.0f);
     for (int kk = 0; kk < kBK; kk += 8) {
       wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> ah[2], al[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> bh[2], bl[2];
@@ -201,12 +229,15 @@ __device__ void gemm_tile(int K, LA loadA, LB loadB, GemmSmem& sm, float (*out)[
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) {
           if (kMode == kTf32x3) {  // small products first: lo*hi + hi*lo + hi*hi
-            wmma::mma_sync(acc[i][j], al[i], bh[j], acc[i][j]);
-            wmma::mma_sync(acc[i][j], ah[i], bl[j], acc[i][j]);
+            wmma::mma_sync(part[i][j], al[i], bh[j], part[i][j]);
+            wmma::mma_sync(part[i][j], ah[i], bl[j], part[i][j]);
           }
-          wmma::mma_sync(acc[i][j], ah[i], bh[j], acc[i][j]);
+          wmma::mma_sync(part[i][j], ah[i], bh[j], part[i][j]);
         }
     }
+    for (int i = 0; i < 2; ++i)  // accumulator fragments of one shape share their element layout
+      for (int j = 0; j < 2; ++j)
+        for (int t = 0; t < acc[i][j].num_elements; ++t) acc[i][j].x[t] += part[i][j].x[t];
 #else
     for (int k = 0; k < kBK; ++k)
       for (int i = 0; i < 4; ++i)
@@ -269,7 +300,7 @@ template <bool kExact, typename T>
 __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q) {
   __shared__ double sh[32];
   __shared__ int flist[kRowThreads];
-  __shared__ int fcount;
+  __shared__ int wcount[kRowThreads / 32];
   __shared__ double fmx;
   const int b = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
   const int idx = s * q.B + b;
@@ -307,11 +338,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
       if (!f) mx = fmax(mx, gv);
     }
     if (kExact) {
-      if (tid == 0) fcount = 0;
-      __syncthreads();
-      if (f) flist[atomicAdd(&fcount, 1)] = lc;
-      __syncthreads();
-      const int nf = fcount;
+      const int nf = compact_flags(f, lc, flist, wcount);
       for (int i = 0; i < nf; ++i) {
         const int flc = flist[i];
         const T* r = ref + static_cast<long long>(q.col(s, flc)) * D;
@@ -353,11 +380,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
     if (lc < q.Cs) g[lc] = static_cast<float>(p);
     lsum += p;
     if (kExact) {
-      if (tid == 0) fcount = 0;
-      __syncthreads();
-      if (f) flist[atomicAdd(&fcount, 1)] = lc;
-      __syncthreads();
-      const int nf = fcount;
+      const int nf = compact_flags(f, lc, flist, wcount);
       for (int i = 0; i < nf; ++i) {
         const int flc = flist[i];
         const double w = exp(e64[flc] - m_new);
@@ -365,7 +388,6 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
         const T* r = ref + static_cast<long long>(q.col(s, flc)) * D;
         for (int j = tid; j < D; j += kRowThreads) acc64[j] += w * to_double(r[j]);  // thread j owns acc64[j]
       }
-      __syncthreads();  // flist/fcount are rewritten in the next round
     }
   }
   lsum = block_reduce<false>(lsum, sh);

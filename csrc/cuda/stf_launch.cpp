@@ -45,6 +45,10 @@ void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   if (B == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  if (D == 0) {  // every logit is 0; the kernels' grids would have a zero dimension and not launch
+    lse.fill_(std::log(static_cast<double>(N)));
+    return;
+  }
 
   // float64 inputs stay float64 (the exact pass reads them: x and ref both, if either
   // is); half/bfloat16 upcast exactly to float32.

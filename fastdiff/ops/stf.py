@@ -230,6 +230,11 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
             _check_finite("ref", r2)
     if x2.shape[0] == 0:
         t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
+    elif x2.shape[1] == 0:
+        # No features (x of shape (B, 0, ...)): every logit is 0, so lse = log N; the
+        # backends' kernels assume D >= 1 (a CUDA grid of width 0 does not launch).
+        t = torch.empty_like(x2)
+        lse = torch.full((x2.shape[0],), math.log(r2.shape[0]), dtype=torch.float32, device=x2.device)
     else:
         t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
     t = t.reshape(x.shape)
