@@ -3,14 +3,15 @@
 #
 #   bash benchmarks/gpu_run.sh [STAGE ...]        (default: every stage, in order)
 #
-# Stages (each writes OUTDIR/<stage>.txt; the bench stages also <stage>.json):
+# Stages (each writes OUTDIR/<stage>.txt, sanitizer also racecheck.txt and initcheck.txt; the
+# bench stages also <stage>.json):
 #   env          device, driver, python/torch/cuda/triton/nvcc versions, commit, command
 #   build        builds fastdiff against this machine's own torch (--no-build-isolation);
 #                skipped when fastdiff._C already imports with its CUDA kernels
 #   tests        the GPU test suites: oracle at full sizes with outputs poisoned, both GPU
 #                backends, the faster modes against their documented bounds, weighted_mse and
 #                the sampler steps on CUDA, plus the CPU suites of the same ops
-#   sanitizer    compute-sanitizer memcheck on the small ragged STF case
+#   sanitizer    compute-sanitizer memcheck, racecheck and initcheck on the small ragged STF cases
 #   bench-stf    STF benchmarks: published, torch, triton, cuda, compile, floor (9 sizes)
 #   bench-modes  STF precision modes tf32x3/tf32/bf16 against highest and their floors
 #   bench-ops    weighted_mse and sampler-step benchmarks
@@ -96,10 +97,16 @@ for stage in "${STAGES[@]}"; do
       run_timed tests 330 $PY -m pytest tests/test_stf_gpu.py tests/test_weighted_mse.py tests/test_sampling.py \
         tests/test_dispatch.py tests/test_stf.py tests/test_stf_triton.py -q -rs
       grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.txt" | head -40; grep -E "passed|failed" "$OUTDIR/tests.txt" | tail -1 ;;
-    sanitizer)
-      run_timed sanitizer 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        $PY -m pytest tests/test_stf_gpu.py -q -k "7-1023-3071"
-      tail -4 "$OUTDIR/sanitizer.txt" ;;
+    sanitizer)   # the small ragged cases (tests/test_stf_gpu.py's docstring): out-of-bounds, races, uninitialised reads
+      run_timed sanitizer 100 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        $PY -m pytest tests/test_stf_gpu.py -q -k "7-1023-3071 or ragged"
+      tail -2 "$OUTDIR/sanitizer.txt"
+      run_timed racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        $PY -m pytest tests/test_stf_gpu.py -q -k "ragged and cuda and 0.5"
+      tail -2 "$OUTDIR/racecheck.txt"
+      run_timed initcheck 60 compute-sanitizer --tool initcheck --error-exitcode 9 \
+        $PY -m pytest tests/test_stf_gpu.py -q -k "ragged and cuda"
+      tail -2 "$OUTDIR/initcheck.txt" ;;
     bench-stf)   bench bench-stf 330 benchmarks/test_stf_bench.py -k test_stf_target ;;
     bench-modes) bench bench-modes 240 benchmarks/test_stf_bench.py -k test_stf_precision_modes ;;
     bench-ops)   bench bench-ops 200 benchmarks/test_weighted_mse_bench.py benchmarks/test_sampling_bench.py ;;
