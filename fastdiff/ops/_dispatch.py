@@ -156,12 +156,31 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
+# Successful resolutions, keyed on the arguments and on the only inputs of
+# backend_status that can change while a process runs: the TRITON_INTERPRET
+# variable and the extension's load error. The rest (has_kernel, a visible
+# GPU) is fixed once torch and the extension are loaded. Failures are never
+# cached, so an unavailable backend raises its RuntimeError, with the reason,
+# on every call. Whoever edits TABLE or AUTO at run time calls
+# _RESOLVED.clear().
+_RESOLVED: dict[tuple, tuple[str, Callable]] = {}
+
+
 def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     """The (backend name, implementation) that runs `op` for `backend` on `device_type`.
 
     Raises ValueError for an unknown backend and RuntimeError, with the
-    reason, for a known backend that cannot run here.
+    reason, for a known backend that cannot run here. Called on every op
+    call: the answer is cached (see _RESOLVED).
     """
+    key = (op, backend, device_type, os.environ.get("TRITON_INTERPRET"), _ext.LOAD_ERROR)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = _resolve(op, backend, device_type)
+    return hit
+
+
+def _resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     impls = TABLE[op]
     if backend == "auto":
         for cand in AUTO.get(device_type, ("torch",)):

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from fastdiff.ops import _dispatch
+from fastdiff.ops import _dispatch, _library
 from fastdiff.ops._checks import FLOAT_DTYPES, check_tensor
 
 PRECISIONS = ("highest", "tf32x3", "tf32", "bf16")
@@ -179,9 +179,7 @@ def _check_mode(precision: str, backend: str) -> None:
 # the custom op
 # ----------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiff::stf_target", mutates_args=())
-def _stf_target_op(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor,
-                   precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _stf_target_kernel(x, sigma, ref, precision, backend):
     _, impl = _dispatch.resolve("stf_target", backend, x.device.type)
     t = torch.empty_like(x)
     lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -189,9 +187,13 @@ def _stf_target_op(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor,
     return t, lse
 
 
-@_stf_target_op.register_fake
-def _(x, sigma, ref, precision, backend):
+def _stf_target_fake(x, sigma, ref, precision, backend):
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+_stf_target_op = _library.define(
+    "stf_target(Tensor x, Tensor sigma, Tensor ref, str precision, str backend) -> (Tensor, Tensor)",
+    _stf_target_kernel, _stf_target_fake)
 
 
 def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "highest",

@@ -36,7 +36,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastdiff.ops import _dispatch
+from fastdiff.ops import _dispatch, _library
 from fastdiff.ops._checks import check_tensor
 
 
@@ -110,9 +110,7 @@ def _prepare(pred, target, weight):
 # the custom op
 # ----------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiff::weighted_mse", mutates_args=())
-def _weighted_mse_op(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                     need_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _weighted_mse_kernel(pred, target, weight, need_grad, backend):
     _, impl = _dispatch.resolve("weighted_mse", backend, pred.device.type)
     loss = torch.empty((), dtype=acc_dtype(pred.dtype), device=pred.device)
     grad = torch.empty_like(pred) if need_grad else pred.new_empty(0)
@@ -120,8 +118,7 @@ def _weighted_mse_op(pred: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return loss, grad
 
 
-@_weighted_mse_op.register_fake
-def _(pred, target, weight, need_grad, backend):
+def _weighted_mse_fake(pred, target, weight, need_grad, backend):
     grad = torch.empty_like(pred) if need_grad else pred.new_empty(0)
     return pred.new_empty((), dtype=acc_dtype(pred.dtype)), grad
 
@@ -144,7 +141,9 @@ def _backward(ctx, grad_loss, _grad_grad):
     return grad * grad_loss, None, None, None, None
 
 
-_weighted_mse_op.register_autograd(_backward, setup_context=_setup_context)
+_weighted_mse_op = _library.define(
+    "weighted_mse(Tensor pred, Tensor target, Tensor weight, bool need_grad, str backend) -> (Tensor, Tensor)",
+    _weighted_mse_kernel, _weighted_mse_fake, backward=_backward, setup_context=_setup_context)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight, *, backend: str = "auto") -> torch.Tensor:
