@@ -117,7 +117,7 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
+def _sigma_rows(sigma, B: int, x: torch.Tensor, check_values: bool | None = None) -> torch.Tensor:
     """sigma (float, 0-d, (B,) or (B, 1, ...)) as a (B,) float32 tensor on x's device."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
         raise TypeError(f"sigma must be a float or a tensor, got {type(sigma).__name__}")
@@ -131,12 +131,20 @@ def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}")
     if sigma.dim() == 0 or (sigma.numel() == 1 and B != 1 and sigma.dim() <= 1):
         s = sigma.reshape(()).to(device=x.device, dtype=torch.float32).expand(B)
-    elif sigma.shape[0] == B and sigma[0].numel() == 1:
-        s = sigma.reshape(B).to(device=x.device, dtype=torch.float32)
+    elif sigma.shape[0] == B and math.prod(sigma.shape[1:]) == 1:
+        s = sigma if sigma.dim() == 1 else sigma.reshape(B)
+        if s.dtype != torch.float32 or s.device != x.device:
+            s = s.to(device=x.device, dtype=torch.float32)
     else:
         raise ValueError(f"sigma must be a float, a 0-d tensor, or have shape ({B},) or ({B}, 1, ...) "
                          f"for x with batch size {B}; got shape {tuple(sigma.shape)}")
-    if _checking_values() and s.numel() and not bool(((s > 0) & torch.isfinite(s)).all()):
+    if check_values is None:
+        check_values = _checking_values()
+    # One reduction and one read-back: sum_i log(s_i) is finite exactly when every
+    # s_i is positive and finite (0 gives -inf, a negative or NaN row NaN, +inf
+    # +inf, and a finite float32 log is at most ~104 in size, so the sum cannot
+    # overflow).
+    if check_values and s.numel() and not math.isfinite(s.log().sum().item()):
         raise ValueError("sigma must be positive and finite in every row")
     return s.contiguous()
 
@@ -147,26 +155,34 @@ def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
 _CHECKS_DATA = ("cpu",)
 
 
-def _prepare(x, sigma, ref, check_data: bool = True):
-    """Checks the arguments; returns x as (B, D), sigma as (B,) float32, ref as (N, D)."""
+def _prepare(x, sigma, ref, check_data: bool = True, check_values: bool | None = None):
+    """Checks the arguments; returns x as (B, D), sigma as (B,) float32, ref as (N, D).
+
+    check_values: whether value checks run (default: _checking_values()).
+    """
     check_tensor("x", x)
     check_tensor("ref", ref)
-    if x.dim() < 1:
+    nd = x.dim()
+    if nd < 1:
         raise ValueError("x must have a batch dimension: shape (B, *S), got a 0-d tensor")
-    if ref.dim() != x.dim() or ref.shape[1:] != x.shape[1:]:
+    if ref.dim() != nd or ref.shape[1:] != x.shape[1:]:
         raise ValueError(f"ref must have shape (N, {', '.join(map(str, x.shape[1:]))}) to match x of shape "
                          f"{tuple(x.shape)}; got {tuple(ref.shape)}")
     if ref.shape[0] == 0:
         raise ValueError("ref is empty: the reference batch needs at least one row")
     if ref.device != x.device:
         raise ValueError(f"x and ref must be on the same device; x is on {x.device}, ref on {ref.device}")
+    if check_values is None:
+        check_values = _checking_values()
     B = x.shape[0]
-    D = math.prod(x.shape[1:])
-    s = _sigma_rows(sigma, B, x)
-    if check_data and _checking_values():
+    s = _sigma_rows(sigma, B, x, check_values)
+    if check_data and check_values:
         _check_finite("x", x)
         _check_finite("ref", ref)
-    return x.reshape(B, D).contiguous(), s, ref.reshape(ref.shape[0], D).contiguous()
+    if nd != 2:
+        D = math.prod(x.shape[1:])
+        x, ref = x.reshape(B, D), ref.reshape(ref.shape[0], D)
+    return x.contiguous(), s, ref.contiguous()
 
 
 def _check_mode(precision: str, backend: str) -> None:
@@ -223,18 +239,30 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
     computed from detached inputs, by design.
     """
     _check_mode(precision, backend)
-    x2, s, r2 = _prepare(x, sigma, ref, check_data=False)
-    name = None
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
+        if x2.shape[0] == 0:
+            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
+        else:
+            t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
+    else:
+        check_values = _checking_values()
+        x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=check_values)
         name, _ = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
-        if (x2.shape[0] == 0 or name not in _CHECKS_DATA) and _checking_values():
+        if check_values and (x2.shape[0] == 0 or name not in _CHECKS_DATA):
             _check_finite("x", x2)
             _check_finite("ref", r2)
-    if x2.shape[0] == 0:
-        t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
-    else:
-        t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
-    t = t.reshape(x.shape)
+        if x2.shape[0] == 0:
+            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
+        else:
+            if torch._C._any_requires_grad(x2, s, r2):
+                x2, s, r2 = x2.detach(), s.detach(), r2.detach()
+            # On plain tensors the op's kernel is called directly: the dispatcher's
+            # round trip into Python costs more than a small call's work.
+            op = _stf_target_kernel if _library.plain_eager(x2, s, r2) else _stf_target_op
+            t, lse = op(x2, s, r2, precision, backend)
+    if t.dim() != x.dim():
+        t = t.reshape(x.shape)
     return (t, lse) if return_lse else t
 
 

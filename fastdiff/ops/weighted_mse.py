@@ -65,6 +65,8 @@ def _weight_rows(weight: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor,
     """
     nd = len(shape)
     if nd >= 1 and weight.dim() == 1 and weight.shape[0] == shape[0]:
+        if shape[0] != 1:     # per sample, the common case: weight is already (R,) = (B,)
+            return weight, shape[0], math.prod(shape[1:])
         wshape = (shape[0],) + (1,) * (nd - 1)
     else:
         ok = weight.dim() <= nd
@@ -102,8 +104,11 @@ def _prepare(pred, target, weight):
         # The kernels read target in pred's dtype or float32; other pairings
         # (rare: fp16 pred with a bf16 target, ...) pay for one conversion.
         target = target.to(acc)
-    return (pred.reshape(R, D).contiguous(), target.detach().reshape(R, D).contiguous(),
-            w.detach().to(acc).contiguous())
+    if pred.dim() != 2 or pred.shape[1] != D:
+        pred, target = pred.reshape(R, D), target.reshape(R, D)
+    if w.dtype != acc:
+        w = w.to(acc)
+    return pred.contiguous(), target.detach().contiguous(), w.detach().contiguous()
 
 
 # ----------------------------------------------------------------------------
@@ -187,8 +192,8 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight, *, backend: s
     _dispatch.check_backend(backend)
     p2, t2, w = _prepare(pred, target, weight)
     if not torch.compiler.is_compiling():
-        _dispatch.resolve("weighted_mse", backend, p2.device.type)  # unavailable backends raise here
-    need_grad = torch.is_grad_enabled() and pred.requires_grad
+        _dispatch.resolve("weighted_mse", backend, p2.device.type)  # unavailable backends raise here (cached)
+    need_grad = pred.requires_grad and torch.is_grad_enabled()
     loss, _ = _weighted_mse_op(p2, t2, w, need_grad, backend)
     return loss
 
