@@ -140,13 +140,31 @@ def _sigma_rows(sigma, B: int, x: torch.Tensor, check_values: bool | None = None
                          f"for x with batch size {B}; got shape {tuple(sigma.shape)}")
     if check_values is None:
         check_values = _checking_values()
-    # One reduction and one read-back: sum_i log(s_i) is finite exactly when every
-    # s_i is positive and finite (0 gives -inf, a negative or NaN row NaN, +inf
-    # +inf, and a finite float32 log is at most ~104 in size, so the sum cannot
-    # overflow).
-    if check_values and s.numel() and not math.isfinite(s.log().sum().item()):
-        raise ValueError("sigma must be positive and finite in every row")
+    if check_values:
+        _check_values(s)
     return s.contiguous()
+
+
+def _check_values(s: torch.Tensor, data: tuple[tuple[str, torch.Tensor], ...] = ()) -> None:
+    """ValueError unless every row of sigma `s` is positive and finite and every (name, tensor) of `data` finite.
+
+    One read-back to the host (on CUDA, one synchronization) for all of them:
+    sum_i log(s_i) is finite exactly when every s_i is positive and finite (0
+    gives -inf, a negative or NaN row NaN, +inf +inf; a finite float32 log is
+    at most ~104 in size, so the sum cannot overflow), and a finite sum of the
+    data proves the data finite (_check_finite). Only when the total is not
+    finite are the arguments checked one by one, in order, to name the culprit;
+    if none is (finite data whose sum overflowed), nothing is raised.
+    """
+    total = s.log().sum()
+    for _, t in data:
+        total = total + t.sum()
+    if math.isfinite(total.item()):
+        return
+    if s.numel() and not math.isfinite(s.log().sum().item()):
+        raise ValueError("sigma must be positive and finite in every row")
+    for name, t in data:
+        _check_finite(name, t)
 
 
 # Backends that reject NaN/Inf in x and ref themselves, from the float64 row
@@ -175,10 +193,9 @@ def _prepare(x, sigma, ref, check_data: bool = True, check_values: bool | None =
     if check_values is None:
         check_values = _checking_values()
     B = x.shape[0]
-    s = _sigma_rows(sigma, B, x, check_values)
-    if check_data and check_values:
-        _check_finite("x", x)
-        _check_finite("ref", ref)
+    s = _sigma_rows(sigma, B, x, check_values=False)
+    if check_values:
+        _check_values(s, (("x", x), ("ref", ref)) if check_data else ())
     if nd != 2:
         D = math.prod(x.shape[1:])
         x, ref = x.reshape(B, D), ref.reshape(ref.shape[0], D)
@@ -246,12 +263,11 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
         else:
             t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
     else:
-        check_values = _checking_values()
-        x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=check_values)
+        x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
         name, _ = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
-        if check_values and (x2.shape[0] == 0 or name not in _CHECKS_DATA):
-            _check_finite("x", x2)
-            _check_finite("ref", r2)
+        if _checking_values():
+            # sigma, and x and ref unless the backend checks them, with one read-back
+            _check_values(s, (("x", x2), ("ref", r2)) if x2.shape[0] == 0 or name not in _CHECKS_DATA else ())
         if x2.shape[0] == 0:
             t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
         else:
