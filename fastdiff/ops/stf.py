@@ -212,12 +212,15 @@ def _check_mode(precision: str, backend: str) -> None:
 # the custom op
 # ----------------------------------------------------------------------------
 
-def _stf_target_kernel(x, sigma, ref, precision, backend):
-    _, impl = _dispatch.resolve("stf_target", backend, x.device.type)
+def _stf_target_run(impl, x, sigma, ref, precision):
     t = torch.empty_like(x)
     lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     impl(x, sigma, ref, precision, t, lse)
     return t, lse
+
+
+def _stf_target_kernel(x, sigma, ref, precision, backend):
+    return _stf_target_run(_dispatch.resolve("stf_target", backend, x.device.type)[1], x, sigma, ref, precision)
 
 
 def _stf_target_fake(x, sigma, ref, precision, backend):
@@ -264,7 +267,7 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
             t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
     else:
         x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
-        name, _ = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
+        name, impl = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
         if _checking_values():
             # sigma, and x and ref unless the backend checks them, with one read-back
             _check_values(s, (("x", x2), ("ref", r2)) if x2.shape[0] == 0 or name not in _CHECKS_DATA else ())
@@ -273,10 +276,12 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
         else:
             if torch._C._any_requires_grad(x2, s, r2):
                 x2, s, r2 = x2.detach(), s.detach(), r2.detach()
-            # On plain tensors the op's kernel is called directly: the dispatcher's
-            # round trip into Python costs more than a small call's work.
-            op = _stf_target_kernel if _library.plain_eager(x2, s, r2) else _stf_target_op
-            t, lse = op(x2, s, r2, precision, backend)
+            if _library.plain_eager(x2, s, r2):
+                # what the op would do, without the dispatcher's round trip into
+                # Python, which costs more than a small call's work
+                t, lse = _stf_target_run(impl, x2, s, r2, precision)
+            else:
+                t, lse = _stf_target_op(x2, s, r2, precision, backend)
     if t.dim() != x.dim():
         t = t.reshape(x.shape)
     return (t, lse) if return_lse else t
