@@ -156,14 +156,15 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
-# Successful resolutions, keyed on the arguments and on the only inputs of
-# backend_status that can change while a process runs: the TRITON_INTERPRET
-# variable and the extension's load error. The rest (has_kernel, a visible
-# GPU) is fixed once torch and the extension are loaded. Failures are never
-# cached, so an unavailable backend raises its RuntimeError, with the reason,
-# on every call. Whoever edits TABLE or AUTO at run time calls
-# _RESOLVED.clear().
-_RESOLVED: dict[tuple, tuple[str, Callable]] = {}
+# Successful resolutions: (op, backend, device type) -> (answer, the extension's
+# load error then, TRITON_INTERPRET then or None). The answer depends on
+# nothing else that can change while a process runs (has_kernel and a visible
+# GPU are fixed once torch and the extension are loaded), and on
+# TRITON_INTERPRET only where the Triton backend on CPU was a candidate, so
+# only those entries read the environment again. Failures are never cached:
+# an unavailable backend raises its RuntimeError, with the reason, on every
+# call. Whoever edits TABLE or AUTO at run time calls _RESOLVED.clear().
+_RESOLVED: dict[tuple[str, str, str], tuple[tuple[str, Callable], str | None, str | None]] = {}
 
 
 def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
@@ -173,11 +174,15 @@ def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     reason, for a known backend that cannot run here. Called on every op
     call: the answer is cached (see _RESOLVED).
     """
-    key = (op, backend, device_type, os.environ.get("TRITON_INTERPRET"), _ext.LOAD_ERROR)
-    hit = _RESOLVED.get(key)
-    if hit is None:
-        hit = _RESOLVED[key] = _resolve(op, backend, device_type)
-    return hit
+    hit = _RESOLVED.get((op, backend, device_type))
+    if (hit is not None and hit[1] is _ext.LOAD_ERROR
+            and (hit[2] is None or hit[2] == os.environ.get("TRITON_INTERPRET", ""))):
+        return hit[0]
+    answer = _resolve(op, backend, device_type)
+    cands = AUTO.get(device_type, ("torch",)) if backend == "auto" else (backend,)
+    env = os.environ.get("TRITON_INTERPRET", "") if device_type == "cpu" and "triton" in cands else None
+    _RESOLVED[(op, backend, device_type)] = (answer, _ext.LOAD_ERROR, env)
+    return answer
 
 
 def _resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:

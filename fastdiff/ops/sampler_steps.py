@@ -19,10 +19,11 @@ so its float64 calls take the torch code). The unfused reference is the same
 formula written as separate PyTorch ops (tests/test_sampling.py runs it in
 float64).
 
-The ops are registered as torch.library custom ops (fastdiff::sampler_affine,
-fastdiff::heun_correct) with fake impls, which torch.compile traces; eager calls
-skip the custom op's Python wrapper and call the backend directly, because the
-wrapper costs more than a step at typical image sizes.
+The ops are registered with torch.library (fastdiff::sampler_affine,
+fastdiff::heun_correct, through fastdiff.ops._library) with fake impls, which
+torch.compile traces; eager calls skip the dispatcher and call the backend
+directly, because the round trip into Python costs more than a step at
+typical image sizes.
 
 Backend contract (the dispatch table in fastdiff.ops._dispatch):
 
@@ -71,7 +72,7 @@ def _check_scalar(name: str, v, positive: bool = False) -> float:
 
 
 # ----------------------------------------------------------------------------
-# the custom ops
+# the ops (torch.library registrations)
 # ----------------------------------------------------------------------------
 
 def _sampler_affine_kernel(x, u, v, a, b, c, backend):
@@ -113,8 +114,8 @@ def affine_step(x: torch.Tensor, u: torch.Tensor, a: float, b: float, v: torch.T
     x, u, v = x.contiguous(), u.contiguous(), None if v is None else v.contiguous()
     if torch.compiler.is_compiling():
         return _sampler_affine_op(x, u, v, a, b, c, backend)
-    # Eager: call the backend directly. A step is a few microseconds of work; the custom op's
-    # Python wrapper (there for torch.compile and opcheck) would cost more than the step.
+    # Eager: call the backend directly. A step is a few microseconds of work; the op's round
+    # trip through the dispatcher (there for torch.compile and opcheck) would cost more.
     out = torch.empty_like(x)
     if x.numel():
         _dispatch.resolve("sampler_affine", backend, x.device.type)[1](x, u, v, a, b, c, out)
