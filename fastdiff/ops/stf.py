@@ -145,8 +145,10 @@ def _sigma_rows(sigma, B: int, x: torch.Tensor, check_values: bool | None = None
     return s.contiguous()
 
 
-def _check_values(s: torch.Tensor, data: tuple[tuple[str, torch.Tensor], ...] = ()) -> None:
+def _check_values(s: torch.Tensor | None, data: tuple[tuple[str, torch.Tensor], ...] = ()) -> None:
     """ValueError unless every row of sigma `s` is positive and finite and every (name, tensor) of `data` finite.
+
+    s is None where sigma was a Python number, checked already.
 
     One read-back to the host (on CUDA, one synchronization) for all of them:
     sum_i log(s_i) is finite exactly when every s_i is positive and finite (0
@@ -156,12 +158,14 @@ def _check_values(s: torch.Tensor, data: tuple[tuple[str, torch.Tensor], ...] = 
     finite are the arguments checked one by one, in order, to name the culprit;
     if none is (finite data whose sum overflowed), nothing is raised.
     """
-    total = s.log().sum()
+    if s is None and not data:
+        return
+    total = None if s is None else s.log().sum()
     for _, t in data:
-        total = total + t.sum()
+        total = t.sum() if total is None else total + t.sum()
     if math.isfinite(total.item()):
         return
-    if s.numel() and not math.isfinite(s.log().sum().item()):
+    if s is not None and s.numel() and not math.isfinite(s.log().sum().item()):
         raise ValueError("sigma must be positive and finite in every row")
     for name, t in data:
         _check_finite(name, t)
@@ -195,7 +199,7 @@ def _prepare(x, sigma, ref, check_data: bool = True, check_values: bool | None =
     B = x.shape[0]
     s = _sigma_rows(sigma, B, x, check_values=False)
     if check_values:
-        _check_values(s, (("x", x), ("ref", ref)) if check_data else ())
+        _check_values(s if isinstance(sigma, torch.Tensor) else None, (("x", x), ("ref", ref)) if check_data else ())
     if nd != 2:
         D = math.prod(x.shape[1:])
         x, ref = x.reshape(B, D), ref.reshape(ref.shape[0], D)
@@ -270,7 +274,8 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
         name, impl = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
         if _checking_values():
             # sigma, and x and ref unless the backend checks them, with one read-back
-            _check_values(s, (("x", x2), ("ref", r2)) if x2.shape[0] == 0 or name not in _CHECKS_DATA else ())
+            _check_values(s if isinstance(sigma, torch.Tensor) else None,
+                          (("x", x2), ("ref", r2)) if x2.shape[0] == 0 or name not in _CHECKS_DATA else ())
         if x2.shape[0] == 0:
             t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
         else:
