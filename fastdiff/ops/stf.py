@@ -213,7 +213,7 @@ def _check_mode(precision: str, backend: str) -> None:
 
 
 # ----------------------------------------------------------------------------
-# the custom op
+# the op (a torch.library registration, see ops/_library.py)
 # ----------------------------------------------------------------------------
 
 def _stf_target_run(impl, x, sigma, ref, precision):

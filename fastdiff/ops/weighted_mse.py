@@ -112,7 +112,7 @@ def _prepare(pred, target, weight):
 
 
 # ----------------------------------------------------------------------------
-# the custom op
+# the op (a torch.library registration, see ops/_library.py)
 # ----------------------------------------------------------------------------
 
 def _weighted_mse_kernel(pred, target, weight, need_grad, backend):
