@@ -156,12 +156,36 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
+# Successful resolutions: (op, backend, device type) -> (answer, the extension's
+# load error then, TRITON_INTERPRET then or None). The answer depends on
+# nothing else that can change while a process runs (has_kernel and a visible
+# GPU are fixed once torch and the extension are loaded), and on
+# TRITON_INTERPRET only where the Triton backend on CPU was a candidate, so
+# only those entries read the environment again. Failures are never cached:
+# an unavailable backend raises its RuntimeError, with the reason, on every
+# call. Whoever edits TABLE or AUTO at run time calls _RESOLVED.clear().
+_RESOLVED: dict[tuple[str, str, str], tuple[tuple[str, Callable], str | None, str | None]] = {}
+
+
 def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     """The (backend name, implementation) that runs `op` for `backend` on `device_type`.
 
     Raises ValueError for an unknown backend and RuntimeError, with the
-    reason, for a known backend that cannot run here.
+    reason, for a known backend that cannot run here. Called on every op
+    call: the answer is cached (see _RESOLVED).
     """
+    hit = _RESOLVED.get((op, backend, device_type))
+    if (hit is not None and hit[1] is _ext.LOAD_ERROR
+            and (hit[2] is None or hit[2] == os.environ.get("TRITON_INTERPRET", ""))):
+        return hit[0]
+    answer = _resolve(op, backend, device_type)
+    cands = AUTO.get(device_type, ("torch",)) if backend == "auto" else (backend,)
+    env = os.environ.get("TRITON_INTERPRET", "") if device_type == "cpu" and "triton" in cands else None
+    _RESOLVED[(op, backend, device_type)] = (answer, _ext.LOAD_ERROR, env)
+    return answer
+
+
+def _resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     impls = TABLE[op]
     if backend == "auto":
         for cand in AUTO.get(device_type, ("torch",)):

@@ -19,10 +19,11 @@ so its float64 calls take the torch code). The unfused reference is the same
 formula written as separate PyTorch ops (tests/test_sampling.py runs it in
 float64).
 
-The ops are registered as torch.library custom ops (fastdiff::sampler_affine,
-fastdiff::heun_correct) with fake impls, which torch.compile traces; eager calls
-skip the custom op's Python wrapper and call the backend directly, because the
-wrapper costs more than a step at typical image sizes.
+The ops are registered with torch.library (fastdiff::sampler_affine,
+fastdiff::heun_correct, through fastdiff.ops._library) with fake impls, which
+torch.compile traces; eager calls skip the dispatcher and call the backend
+directly, because the round trip into Python costs more than a step at
+typical image sizes.
 
 Backend contract (the dispatch table in fastdiff.ops._dispatch):
 
@@ -34,13 +35,11 @@ one device; the impl writes every element of out.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Optional
 
 import torch
 
-from fastdiff.ops import _dispatch
+from fastdiff.ops import _dispatch, _library
 
 STEP_DTYPES = (torch.float32, torch.float64)
 
@@ -72,44 +71,35 @@ def _check_scalar(name: str, v, positive: bool = False) -> float:
     return v
 
 
-@functools.lru_cache(maxsize=None)
-def _resolve(op: str, backend: str, device_type: str):
-    # Availability does not change within a process (TRITON_INTERPRET is read before triton
-    # loads); an unavailable backend raises, and exceptions are not cached.
-    return _dispatch.resolve(op, backend, device_type)[1]
-
-
 # ----------------------------------------------------------------------------
-# the custom ops
+# the ops (torch.library registrations)
 # ----------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiff::sampler_affine", mutates_args=())
-def _sampler_affine_op(x: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor], a: float, b: float,
-                       c: float, backend: str) -> torch.Tensor:
+def _sampler_affine_kernel(x, u, v, a, b, c, backend):
     _, impl = _dispatch.resolve("sampler_affine", backend, x.device.type)
     out = torch.empty_like(x)
     impl(x, u, v, a, b, c, out)
     return out
 
 
-@_sampler_affine_op.register_fake
-def _(x, u, v, a, b, c, backend):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("fastdiff::heun_correct", mutates_args=())
-def _heun_correct_op(x: torch.Tensor, denoised: torch.Tensor, x_next: torch.Tensor,
-                     denoised_next: torch.Tensor, sigma: float, sigma_next: float,
-                     backend: str) -> torch.Tensor:
+def _heun_correct_kernel(x, denoised, x_next, denoised_next, sigma, sigma_next, backend):
     _, impl = _dispatch.resolve("heun_correct", backend, x.device.type)
     out = torch.empty_like(x)
     impl(x, denoised, x_next, denoised_next, sigma, sigma_next, out)
     return out
 
 
-@_heun_correct_op.register_fake
-def _(x, denoised, x_next, denoised_next, sigma, sigma_next, backend):
+def _like_x(x, *args):
     return torch.empty_like(x)
+
+
+_sampler_affine_op = _library.define(
+    "sampler_affine(Tensor x, Tensor u, Tensor? v, float a, float b, float c, str backend) -> Tensor",
+    _sampler_affine_kernel, _like_x)
+_heun_correct_op = _library.define(
+    "heun_correct(Tensor x, Tensor denoised, Tensor x_next, Tensor denoised_next, float sigma, "
+    "float sigma_next, str backend) -> Tensor",
+    _heun_correct_kernel, _like_x)
 
 
 def affine_step(x: torch.Tensor, u: torch.Tensor, a: float, b: float, v: torch.Tensor | None = None,
@@ -124,11 +114,11 @@ def affine_step(x: torch.Tensor, u: torch.Tensor, a: float, b: float, v: torch.T
     x, u, v = x.contiguous(), u.contiguous(), None if v is None else v.contiguous()
     if torch.compiler.is_compiling():
         return _sampler_affine_op(x, u, v, a, b, c, backend)
-    # Eager: call the backend directly. A step is a few microseconds of work; the custom op's
-    # Python wrapper (there for torch.compile and opcheck) would cost more than the step.
+    # Eager: call the backend directly. A step is a few microseconds of work; the op's round
+    # trip through the dispatcher (there for torch.compile and opcheck) would cost more.
     out = torch.empty_like(x)
     if x.numel():
-        _resolve("sampler_affine", backend, x.device.type)(x, u, v, a, b, c, out)
+        _dispatch.resolve("sampler_affine", backend, x.device.type)[1](x, u, v, a, b, c, out)
     return out
 
 
@@ -147,7 +137,7 @@ def heun_correct(x: torch.Tensor, denoised: torch.Tensor, x_next: torch.Tensor,
         return _heun_correct_op(*args, sigma, sigma_next, backend)
     out = torch.empty_like(x)
     if x.numel():
-        _resolve("heun_correct", backend, x.device.type)(*args, sigma, sigma_next, out)
+        _dispatch.resolve("heun_correct", backend, x.device.type)[1](*args, sigma, sigma_next, out)
     return out
 
 

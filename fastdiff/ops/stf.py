@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from fastdiff.ops import _dispatch
+from fastdiff.ops import _dispatch, _library
 from fastdiff.ops._checks import FLOAT_DTYPES, check_tensor
 
 PRECISIONS = ("highest", "tf32x3", "tf32", "bf16")
@@ -117,7 +117,7 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
+def _sigma_rows(sigma, B: int, x: torch.Tensor, check_values: bool | None = None) -> torch.Tensor:
     """sigma (float, 0-d, (B,) or (B, 1, ...)) as a (B,) float32 tensor on x's device."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
         raise TypeError(f"sigma must be a float or a tensor, got {type(sigma).__name__}")
@@ -131,14 +131,44 @@ def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}")
     if sigma.dim() == 0 or (sigma.numel() == 1 and B != 1 and sigma.dim() <= 1):
         s = sigma.reshape(()).to(device=x.device, dtype=torch.float32).expand(B)
-    elif sigma.shape[0] == B and sigma[0].numel() == 1:
-        s = sigma.reshape(B).to(device=x.device, dtype=torch.float32)
+    elif sigma.shape[0] == B and math.prod(sigma.shape[1:]) == 1:
+        s = sigma if sigma.dim() == 1 else sigma.reshape(B)
+        if s.dtype != torch.float32 or s.device != x.device:
+            s = s.to(device=x.device, dtype=torch.float32)
     else:
         raise ValueError(f"sigma must be a float, a 0-d tensor, or have shape ({B},) or ({B}, 1, ...) "
                          f"for x with batch size {B}; got shape {tuple(sigma.shape)}")
-    if _checking_values() and s.numel() and not bool(((s > 0) & torch.isfinite(s)).all()):
-        raise ValueError("sigma must be positive and finite in every row")
+    if check_values is None:
+        check_values = _checking_values()
+    if check_values:
+        _check_values(s)
     return s.contiguous()
+
+
+def _check_values(s: torch.Tensor | None, data: tuple[tuple[str, torch.Tensor], ...] = ()) -> None:
+    """ValueError unless every row of sigma `s` is positive and finite and every (name, tensor) of `data` finite.
+
+    s is None where sigma was a Python number, checked already.
+
+    One read-back to the host (on CUDA, one synchronization) for all of them:
+    sum_i log(s_i) is finite exactly when every s_i is positive and finite (0
+    gives -inf, a negative or NaN row NaN, +inf +inf; a finite float32 log is
+    at most ~104 in size, so the sum cannot overflow), and a finite sum of the
+    data proves the data finite (_check_finite). Only when the total is not
+    finite are the arguments checked one by one, in order, to name the culprit;
+    if none is (finite data whose sum overflowed), nothing is raised.
+    """
+    if s is None and not data:
+        return
+    total = None if s is None else s.log().sum()
+    for _, t in data:
+        total = t.sum() if total is None else total + t.sum()
+    if math.isfinite(total.item()):
+        return
+    if s is not None and s.numel() and not math.isfinite(s.log().sum().item()):
+        raise ValueError("sigma must be positive and finite in every row")
+    for name, t in data:
+        _check_finite(name, t)
 
 
 # Backends that reject NaN/Inf in x and ref themselves, from the float64 row
@@ -147,26 +177,33 @@ def _sigma_rows(sigma, B: int, x: torch.Tensor) -> torch.Tensor:
 _CHECKS_DATA = ("cpu",)
 
 
-def _prepare(x, sigma, ref, check_data: bool = True):
-    """Checks the arguments; returns x as (B, D), sigma as (B,) float32, ref as (N, D)."""
+def _prepare(x, sigma, ref, check_data: bool = True, check_values: bool | None = None):
+    """Checks the arguments; returns x as (B, D), sigma as (B,) float32, ref as (N, D).
+
+    check_values: whether value checks run (default: _checking_values()).
+    """
     check_tensor("x", x)
     check_tensor("ref", ref)
-    if x.dim() < 1:
+    nd = x.dim()
+    if nd < 1:
         raise ValueError("x must have a batch dimension: shape (B, *S), got a 0-d tensor")
-    if ref.dim() != x.dim() or ref.shape[1:] != x.shape[1:]:
+    if ref.dim() != nd or ref.shape[1:] != x.shape[1:]:
         raise ValueError(f"ref must have shape (N, {', '.join(map(str, x.shape[1:]))}) to match x of shape "
                          f"{tuple(x.shape)}; got {tuple(ref.shape)}")
     if ref.shape[0] == 0:
         raise ValueError("ref is empty: the reference batch needs at least one row")
     if ref.device != x.device:
         raise ValueError(f"x and ref must be on the same device; x is on {x.device}, ref on {ref.device}")
+    if check_values is None:
+        check_values = _checking_values()
     B = x.shape[0]
-    D = math.prod(x.shape[1:])
-    s = _sigma_rows(sigma, B, x)
-    if check_data and _checking_values():
-        _check_finite("x", x)
-        _check_finite("ref", ref)
-    return x.reshape(B, D).contiguous(), s, ref.reshape(ref.shape[0], D).contiguous()
+    s = _sigma_rows(sigma, B, x, check_values=False)
+    if check_values:
+        _check_values(s if isinstance(sigma, torch.Tensor) else None, (("x", x), ("ref", ref)) if check_data else ())
+    if nd != 2:
+        D = math.prod(x.shape[1:])
+        x, ref = x.reshape(B, D), ref.reshape(ref.shape[0], D)
+    return x.contiguous(), s, ref.contiguous()
 
 
 def _check_mode(precision: str, backend: str) -> None:
@@ -176,22 +213,27 @@ def _check_mode(precision: str, backend: str) -> None:
 
 
 # ----------------------------------------------------------------------------
-# the custom op
+# the op (a torch.library registration, see ops/_library.py)
 # ----------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiff::stf_target", mutates_args=())
-def _stf_target_op(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor,
-                   precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _, impl = _dispatch.resolve("stf_target", backend, x.device.type)
+def _stf_target_run(impl, x, sigma, ref, precision):
     t = torch.empty_like(x)
     lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     impl(x, sigma, ref, precision, t, lse)
     return t, lse
 
 
-@_stf_target_op.register_fake
-def _(x, sigma, ref, precision, backend):
+def _stf_target_kernel(x, sigma, ref, precision, backend):
+    return _stf_target_run(_dispatch.resolve("stf_target", backend, x.device.type)[1], x, sigma, ref, precision)
+
+
+def _stf_target_fake(x, sigma, ref, precision, backend):
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+_stf_target_op = _library.define(
+    "stf_target(Tensor x, Tensor sigma, Tensor ref, str precision, str backend) -> (Tensor, Tensor)",
+    _stf_target_kernel, _stf_target_fake)
 
 
 def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "highest",
@@ -221,24 +263,44 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
     computed from detached inputs, by design.
     """
     _check_mode(precision, backend)
-    x2, s, r2 = _prepare(x, sigma, ref, check_data=False)
-    name = None
-    if not torch.compiler.is_compiling():
-        name, _ = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
-        if (x2.shape[0] == 0 or name not in _CHECKS_DATA) and _checking_values():
-            _check_finite("x", x2)
-            _check_finite("ref", r2)
-    if x2.shape[0] == 0:
-        t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
-    elif x2.shape[1] == 0:
-        # No features (x of shape (B, 0, ...)): every logit is 0, so lse = log N; the
-        # backends' kernels assume D >= 1 (a CUDA grid of width 0 does not launch).
-        t = torch.empty_like(x2)
-        lse = torch.full((x2.shape[0],), math.log(r2.shape[0]), dtype=torch.float32, device=x2.device)
+    if torch.compiler.is_compiling():
+        x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
+        if x2.shape[0] == 0:
+            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
+        elif x2.shape[1] == 0:
+            t, lse = _no_features(x2, r2)
+        else:
+            t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
     else:
-        t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
-    t = t.reshape(x.shape)
+        x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
+        name, impl = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
+        if _checking_values():
+            # sigma, and x and ref unless the backend checks them, with one read-back
+            _check_values(s if isinstance(sigma, torch.Tensor) else None,
+                          (("x", x2), ("ref", r2)) if x2.shape[0] == 0 or name not in _CHECKS_DATA else ())
+        if x2.shape[0] == 0:
+            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
+        elif x2.shape[1] == 0:
+            t, lse = _no_features(x2, r2)
+        else:
+            if torch._C._any_requires_grad(x2, s, r2):
+                x2, s, r2 = x2.detach(), s.detach(), r2.detach()
+            if _library.plain_eager(x2, s, r2):
+                # what the op would do, without the dispatcher's round trip into
+                # Python, which costs more than a small call's work
+                t, lse = _stf_target_run(impl, x2, s, r2, precision)
+            else:
+                t, lse = _stf_target_op(x2, s, r2, precision, backend)
+    if t.dim() != x.dim():
+        t = t.reshape(x.shape)
     return (t, lse) if return_lse else t
+
+
+def _no_features(x2: torch.Tensor, r2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x of shape (B, 0, ...): every logit is 0, so lse = log N and t is empty; the backends'
+    kernels assume D >= 1 (a CUDA grid of width 0 does not launch)."""
+    lse = torch.full((x2.shape[0],), math.log(r2.shape[0]), dtype=torch.float32, device=x2.device)
+    return torch.empty_like(x2), lse
 
 
 def stf_weights(x: torch.Tensor, sigma, ref: torch.Tensor) -> torch.Tensor:

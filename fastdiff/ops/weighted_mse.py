@@ -36,7 +36,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastdiff.ops import _dispatch
+from fastdiff.ops import _dispatch, _library
 from fastdiff.ops._checks import check_tensor
 
 
@@ -65,6 +65,8 @@ def _weight_rows(weight: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor,
     """
     nd = len(shape)
     if nd >= 1 and weight.dim() == 1 and weight.shape[0] == shape[0]:
+        if shape[0] != 1:     # per sample, the common case: weight is already (R,) = (B,)
+            return weight, shape[0], math.prod(shape[1:])
         wshape = (shape[0],) + (1,) * (nd - 1)
     else:
         ok = weight.dim() <= nd
@@ -105,17 +107,18 @@ def _prepare(pred, target, weight):
         # The kernels read target in pred's dtype or float32; other pairings
         # (rare: fp16 pred with a bf16 target, ...) pay for one conversion.
         target = target.to(acc)
-    return (pred.reshape(R, D).contiguous(), target.detach().reshape(R, D).contiguous(),
-            w.detach().to(acc).contiguous())
+    if pred.dim() != 2 or pred.shape[1] != D:
+        pred, target = pred.reshape(R, D), target.reshape(R, D)
+    if w.dtype != acc:
+        w = w.to(acc)
+    return pred.contiguous(), target.detach().contiguous(), w.detach().contiguous()
 
 
 # ----------------------------------------------------------------------------
-# the custom op
+# the op (a torch.library registration, see ops/_library.py)
 # ----------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiff::weighted_mse", mutates_args=())
-def _weighted_mse_op(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                     need_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _weighted_mse_kernel(pred, target, weight, need_grad, backend):
     _, impl = _dispatch.resolve("weighted_mse", backend, pred.device.type)
     loss = torch.empty((), dtype=acc_dtype(pred.dtype), device=pred.device)
     grad = torch.empty_like(pred) if need_grad else pred.new_empty(0)
@@ -123,8 +126,7 @@ def _weighted_mse_op(pred: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return loss, grad
 
 
-@_weighted_mse_op.register_fake
-def _(pred, target, weight, need_grad, backend):
+def _weighted_mse_fake(pred, target, weight, need_grad, backend):
     grad = torch.empty_like(pred) if need_grad else pred.new_empty(0)
     return pred.new_empty((), dtype=acc_dtype(pred.dtype)), grad
 
@@ -147,7 +149,9 @@ def _backward(ctx, grad_loss, _grad_grad):
     return grad * grad_loss, None, None, None, None
 
 
-_weighted_mse_op.register_autograd(_backward, setup_context=_setup_context)
+_weighted_mse_op = _library.define(
+    "weighted_mse(Tensor pred, Tensor target, Tensor weight, bool need_grad, str backend) -> (Tensor, Tensor)",
+    _weighted_mse_kernel, _weighted_mse_fake, backward=_backward, setup_context=_setup_context)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight, *, backend: str = "auto") -> torch.Tensor:
@@ -191,8 +195,8 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight, *, backend: s
     _dispatch.check_backend(backend)
     p2, t2, w = _prepare(pred, target, weight)
     if not torch.compiler.is_compiling():
-        _dispatch.resolve("weighted_mse", backend, p2.device.type)  # unavailable backends raise here
-    need_grad = torch.is_grad_enabled() and pred.requires_grad
+        _dispatch.resolve("weighted_mse", backend, p2.device.type)  # unavailable backends raise here (cached)
+    need_grad = pred.requires_grad and torch.is_grad_enabled()
     loss, _ = _weighted_mse_op(p2, t2, w, need_grad, backend)
     return loss
 
