@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="stf", choices=["stf", "dsm"], help="Stable Target Field or plain DSM")
     g.add_argument("--ref-size", type=int, default=1024,
                    help="STF reference batch per process: the mini-batch plus ref_size - batch uniform draws")
+    g.add_argument("--ref-dist", default="gather", choices=["gather", "shard"],
+                   help="under torchrun: all-gather every rank's reference rows (gather), or keep them where they "
+                        "are and combine per-rank partial targets by their log-sum-exps (shard); the same target")
     g.add_argument("--process", default="edm", help="ve | vp | vp_cosine | edm")
     g.add_argument("--param", default="edm", help="network parameterization: edm | eps | x0 | v | score")
     g.add_argument("--weighting", default="edm", help="loss weighting w(lambda), see fastdiff.diffusion")
@@ -320,8 +323,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
             raise ConfigError(f"checkpoint {path} is from another configuration: " + ", ".join(
                 f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved.get(k)!r})" for k in clash))
         # Options not given again continue as saved (the run's length included).
-        # Where and how it runs (device, compile, threads) is decided afresh on this machine.
-        keep = set(cfg) - explicit - {"resume", "device", "compile", "threads"}
+        # Where and how it runs (device, compile, threads, ref_dist) is decided afresh on this machine.
+        keep = set(cfg) - explicit - {"resume", "device", "compile", "threads", "ref_dist"}
         cfg = {**cfg, **{k: v for k, v in saved.items() if k in keep}}
         run_dir = os.path.dirname(os.path.abspath(path))
     check_config(cfg)
@@ -399,6 +402,12 @@ def training_loop(cfg: dict, explicit: set) -> str:
     bf16 = cfg["precision"] == "bf16"
     stf = cfg["objective"] == "stf"
     n_extra = cfg["ref_size"] - cfg["batch"] if stf else 0
+    shard = world > 1 and stf and cfg["ref_dist"] == "shard"
+    if shard:
+        # This rank's y and draws are its shard of the reference batch; the objective
+        # combines the ranks' partial targets (fastdiff.distributed).
+        from fastdiff.distributed import stf_target_sharded
+        obj.stf_target_fn = stf_target_sharded
 
     train_step = make_step(ddp_net, obj, opt, device=device, bf16=bf16, compile=cfg["compile"],
                            grad_clip=cfg["grad_clip"], world=world)
@@ -416,7 +425,7 @@ def training_loop(cfg: dict, explicit: set) -> str:
         if n_extra > 0:
             ridx, rflip = sampler.ref_rows(n_extra)
             extra = dataset.get(to_device(ridx), to_device(rflip))
-        if world > 1 and stf:
+        if world > 1 and stf and not shard:
             # Every rank's batch and draws join the reference batch (see the module docstring).
             ys, extras = [torch.empty_like(y) for _ in range(world)], None
             torch.distributed.all_gather(ys, y)

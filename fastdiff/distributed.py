@@ -1,0 +1,131 @@
+"""The STF target over a reference batch sharded across processes.
+
+Under torchrun each rank holds its own queries x (B rows, the same B on every
+rank) and its own shard of the reference rows. `stf_target_sharded` returns on
+every rank what `fastdiff.stf_target(x, sigma, cat(all shards))` returns for
+its own x, without moving the reference rows:
+
+    x_all, sigma_all = all_gather(x), all_gather(sigma)            (W*B rows)
+    t_k, lse_k = stf_target(x_all, sigma_all, shard_k, return_lse=True)
+    LSE = logsumexp_k lse_k                                         (all_gather, W*B floats)
+    t   = x + reduce_scatter_k( exp(lse_k - LSE) * (t_k - x_all) )
+
+The softmax over the whole reference batch is the partial softmaxes weighted
+by exp(lse_k - LSE) (flash-attention's split-KV combine). The weights are
+formed in float64; the partials are combined as offsets from x, the scale of
+the row's noise (sigma sqrt(D) at small sigma), so rounding the transported
+sum in float32 costs ~W ulps of that scale rather than of ||t||, which at
+sigma = 0.002 would be 500 times larger. Each partial keeps the op's own bound
+(err <= 1e-4 in units of sigma sqrt(D)); an error e in a partial's lse moves
+t by at most w_k (1 - w_k) e ||t_k - t_j||, and two shards carry comparable
+weight only where their partial targets lie within a few sigma of each other
+or sigma is large, so the float32 lse (rounding |lse| ~ D/2 to 2^-24) adds
+well under the contract at D = 3072 (tests/test_distributed.py).
+
+Per rank and step this moves ~2 (W-1) B D values plus (W-1) W B floats of
+lse, against (W-1) N_local D for gathering the rows; the FLOPs are the same
+(W*B queries against N/W rows instead of B against N). Which is faster is
+measured in benchmarks/distributed_ref.py (results/distributed-cpu-gloo.txt).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import fastdiff
+from fastdiff.ops.stf import _checking_values, _sigma_rows
+
+__all__ = ["stf_target_sharded", "world_size"]
+
+_DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def world_size(group=None) -> int:
+    """The number of processes in group (1 without an initialized process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _check_across_ranks(x: torch.Tensor, ref_shard: torch.Tensor, group, world: int) -> None:
+    # One tiny collective: the all-gathers below need equal shapes on every rank
+    # (a mismatch would hang or fail with a message naming no argument).
+    code = _DTYPE_CODES.get(x.dtype, -1)
+    mine = torch.tensor([x.shape[0], x[0].numel() if x.shape[0] else -1, x.dim(), code, ref_shard.shape[0],
+                         _DTYPE_CODES.get(ref_shard.dtype, -1)], dtype=torch.int64, device=x.device)
+    every = torch.empty(world, mine.numel(), dtype=torch.int64, device=x.device)
+    dist.all_gather_into_tensor(every.view(-1), mine, group=group)
+    rows = every.tolist()
+    me = dist.get_rank(group)
+    for r, (b, d, nd, xc, n, rc) in enumerate(rows):
+        if b != rows[me][0]:
+            raise ValueError(f"x must have the same batch size on every rank (the queries are all-gathered); "
+                             f"rank {me} has {rows[me][0]} rows, rank {r} has {b}")
+        if (d, nd) != tuple(rows[me][1:3]):
+            raise ValueError(f"x must have the same row shape on every rank; rank {me} has {tuple(x.shape)} "
+                             f"({rows[me][1]} values per row), rank {r} has {d} values per row")
+        if xc != rows[me][3]:
+            raise TypeError(f"x must have the same dtype on every rank; rank {me} has {x.dtype}, rank {r} differs")
+        if rc != rows[me][5] and n > 0 and rows[me][4] > 0:
+            raise TypeError(f"ref_shard must have the same dtype on every rank; rank {me} has "
+                            f"{ref_shard.dtype}, rank {r} differs")
+    if sum(row[4] for row in rows) == 0:
+        raise ValueError("ref_shard is empty on every rank: the reference batch needs at least one row")
+
+
+def stf_target_sharded(x: torch.Tensor, sigma, ref_shard: torch.Tensor, *, group=None,
+                       precision: str = "highest", backend: str = "auto") -> torch.Tensor:
+    """fastdiff.stf_target(x, sigma, cat(ref_shard of every rank)) for this rank's x.
+
+    Args:
+        x: this rank's noisy rows (B, *S); B must be the same on every rank of group.
+        sigma: as for fastdiff.stf_target (float, 0-d, (B,) or (B, 1, ...)).
+        ref_shard: this rank's share of the reference rows (N_r, *S); N_r may
+            differ between ranks and may be 0 on some (not on all).
+        group: the process group (default: the world). Without an initialized
+            process group, or with one process, this is fastdiff.stf_target.
+        precision, backend: passed to fastdiff.stf_target on each shard.
+
+    Every rank of group must call it (it runs collectives). The result has x's
+    shape and dtype and carries no gradient, like fastdiff.stf_target.
+    """
+    world = world_size(group)
+    if world == 1:
+        return fastdiff.stf_target(x, sigma, ref_shard, precision=precision, backend=backend)
+    for name, t in (("x", x), ("ref_shard", ref_shard)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if x.dim() < 1 or ref_shard.dim() != x.dim() or ref_shard.shape[1:] != x.shape[1:]:
+        raise ValueError(f"ref_shard must have shape (N, {', '.join(map(str, x.shape[1:]))}) to match x of "
+                         f"shape {tuple(x.shape)}; got {tuple(ref_shard.shape)}")
+    if ref_shard.device != x.device:
+        raise ValueError(f"x and ref_shard must be on the same device; x is on {x.device}, "
+                         f"ref_shard on {ref_shard.device}")
+    if _checking_values():
+        _check_across_ranks(x, ref_shard, group, world)
+    B = x.shape[0]
+    x2 = x.detach().reshape(B, -1).contiguous()
+    s = _sigma_rows(sigma.detach() if isinstance(sigma, torch.Tensor) else sigma, B, x2)
+    D = x2.shape[1]
+    rank = dist.get_rank(group)
+
+    x_all = x2.new_empty(world * B, D)
+    s_all = s.new_empty(world * B)
+    dist.all_gather_into_tensor(x_all, x2, group=group)
+    dist.all_gather_into_tensor(s_all, s, group=group)
+    if ref_shard.shape[0]:
+        t_k, lse_k = fastdiff.stf_target(x_all, s_all, ref_shard.detach().reshape(ref_shard.shape[0], D),
+                                         precision=precision, backend=backend, return_lse=True)
+    else:                                       # an empty shard: weight 0 everywhere
+        t_k = x_all
+        lse_k = torch.full((world * B,), float("-inf"), dtype=torch.float32, device=x.device)
+    lse_all = lse_k.new_empty(world * world * B)
+    dist.all_gather_into_tensor(lse_all, lse_k.float().contiguous(), group=group)
+    lse64 = lse_all.view(world, world * B).double()
+    scale = torch.exp(lse64[rank] - torch.logsumexp(lse64, 0))          # this shard's share of each row
+    # Offsets from x in float32 (float64 for float64 x): see the module docstring.
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = ((t_k.double() - x_all.double()) * scale[:, None]).to(cdt)
+    off = part.new_empty(B, D)
+    dist.reduce_scatter_tensor(off, part, group=group)
+    return (x2.to(cdt) + off).to(x.dtype).reshape(x.shape)
