@@ -33,6 +33,8 @@ SIGMAS = [0.002, 0.002, 0.02, 0.5, 5.0, 80.0, 0.002]
 def _case(name: str):
     """(x per rank, sigma per rank, shard per rank) for a named case; the same on every rank."""
     g = torch.Generator().manual_seed(zlib_seed(name))
+    if name == "bisect":
+        return _bisect(g)
     D = 3072 if name == "d3072" else 48
     if name == "empty":
         sizes, B = [0, 31], 3
@@ -60,12 +62,37 @@ def _case(name: str):
     return xs, sigmas, shards
 
 
+def _bisect(g):
+    """Queries on the bisecting hyperplane of two clusters, one per rank, c sigma sqrt(D) apart:
+    both partials carry weight ~1/2 and differ by c sigma sqrt(D), and |lse| ~ (1 + c^2/4) D/2,
+    so the float32 lse of the op alone would err by up to ~1e-4 c (1 + c^2 / 4) (4e-4 at c = 4)."""
+    D = 3072
+    pairs = [(2.0, [2.0, 1.0, 0.5, 0.25]), (4 * 0.002, [0.004, 0.002, 0.002])]   # (c sigma, sigmas)
+    shards, xs, sigmas = [[], []], [[], []], [[], []]
+    for spread, sig in pairs:
+        a = torch.rand(D, generator=g) * 2 - 1
+        u = torch.randn(D, generator=g)
+        u /= u.norm()
+        b = a + spread * math.sqrt(D) * u
+        for r, centre in enumerate((a, b)):
+            shards[r].append(centre + 1e-3 * spread * torch.randn(3, D, generator=g) / math.sqrt(D))
+        for r in range(WORLD):
+            n = torch.randn(len(sig), D, generator=g)
+            n -= (n @ u)[:, None] * u                    # on the bisector
+            s = torch.tensor(sig)
+            xs[r].append((a + b) / 2 + s[:, None] * n)
+            sigmas[r].append(s)
+    far = [torch.rand(5 + 4 * r, D, generator=g) * 2 - 1 for r in range(WORLD)]
+    return ([torch.cat(x) for x in xs], [torch.cat(s) for s in sigmas],
+            [torch.cat([*sh, f]) for sh, f in zip(shards, far)])
+
+
 def zlib_seed(name: str) -> int:
     import zlib
     return zlib.crc32(name.encode())
 
 
-CASES = ["ragged", "far", "dup", "empty", "b1", "d3072"]
+CASES = ["ragged", "far", "dup", "empty", "b1", "d3072", "bisect"]
 
 
 def _worker(rank: int, init: str, out: str):
