@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdiff
-from fastdiff.distributed import stf_target_sharded
+from fastdiff.distributed import _STATS, stf_target_sharded
 
 
 def gather_target(x, sigma, ref_shard):
@@ -49,7 +49,13 @@ def _worker(rank, world, init, args, out):
     times = {}
     for N in args.sizes:
         n_local = N // world
-        shard = torch.rand(n_local, args.dim, generator=g) * 2 - 1        # this rank's y and draws
+        if args.clusters:
+            # rows around a few centres shared by all ranks: posteriors spread over both shards
+            centres = torch.rand(args.clusters, args.dim, generator=torch.Generator().manual_seed(7)) * 2 - 1
+            pick = torch.randint(0, args.clusters, (n_local,), generator=g)
+            shard = centres[pick] + args.spread * torch.randn(n_local, args.dim, generator=g)
+        else:
+            shard = torch.rand(n_local, args.dim, generator=g) * 2 - 1    # this rank's y and draws
         # EDM's training density: ln sigma ~ N(-1.2, 1.2^2)
         sigma = torch.exp(-1.2 + 1.2 * torch.randn(args.batch, generator=g))
         x = shard[:args.batch] + sigma[:, None] * torch.randn(args.batch, args.dim, generator=g)
@@ -65,12 +71,14 @@ def _worker(rank, world, init, args, out):
                  "shard op": lambda *_: fastdiff.stf_target(x_all, s_all, shard, return_lse=True)}
         for name in peers:
             times[N, name] = []
+        before = dict(_STATS)
         for _ in range(args.rounds):
             for name, fn in peers.items():
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn(x, sigma, shard)
                 times[N, name].append(time.perf_counter() - t0)
+        times[N, "refined"] = (_STATS["refined"] - before["refined"]) / max(1, _STATS["rows"] - before["rows"])
         times[N, "diff"] = float(diff)
     every = [None] * world
     dist.all_gather_object(every, times)
@@ -86,6 +94,9 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=3072, help="values per row (3x32x32)")
     p.add_argument("--sizes", default="512,1024,2048", help="total reference rows N (all ranks)")
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--clusters", type=int, default=0, help="draw the rows around this many shared centres "
+                                                           "(0: uniform in [-1, 1]^D)")
+    p.add_argument("--spread", type=float, default=0.1, help="per-value std of the rows around their centre")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,16 +118,20 @@ def main(argv=None):
           f"thread; fastdiff.stf_target backend auto = {_dispatch.resolve('stf_target', 'auto', 'cpu')[0]}")
     print(f"commit: {commit}")
     print(f"command: python benchmarks/distributed_ref.py --world {W} --batch {B} --dim {D} "
-          f"--sizes {','.join(map(str, args.sizes))} --rounds {args.rounds}")
+          f"--sizes {','.join(map(str, args.sizes))} --rounds {args.rounds}"
+          + (f" --clusters {args.clusters} --spread {args.spread}" if args.clusters else ""))
+    print("data: " + (f"rows around {args.clusters} centres shared by the ranks (std {args.spread})" if args.clusters
+                      else "rows uniform in [-1, 1]^D"))
     print(f"B = {B} queries per rank, D = {D}, sigma ~ EDM's lognormal; time per call = the slowest rank's, "
           f"median over {args.rounds} rounds; paired = median over rounds of shard / gather")
     print("MB received per rank and step: gather (W-1) (N/W) D 4 bytes; shard (W-1) B (2 D + 1 + W) 4 bytes "
           "(x, sigma and lse all-gathered, the (B, D) offsets reduce-scattered)")
     print("gather op / shard op: the local fastdiff.stf_target call alone (B x N, and W B x N/W), no collectives")
-    print("max diff: max_i ||t_gather - t_shard|| / (sigma_i sqrt(D))")
+    print("max diff: max_i ||t_gather - t_shard|| / (sigma_i sqrt(D)); refined: share of the W B rows whose "
+          "partial lse the shard path recomputed in float64")
     print()
     print(f"{'N total':>8} {'N/rank':>7} {'gather ms':>10} {'shard ms':>9} {'paired':>7} {'gather op':>10} "
-          f"{'shard op':>9} {'gather MB':>10} {'shard MB':>9} {'max diff':>9}")
+          f"{'shard op':>9} {'gather MB':>10} {'shard MB':>9} {'max diff':>9} {'refined':>8}")
     for N in args.sizes:
         slowest = {name: [max(every[r][N, name][i] for r in range(W)) for i in range(args.rounds)]
                    for name in (*PEERS, "gather op", "shard op")}
@@ -126,7 +141,8 @@ def main(argv=None):
         shard_mb = (W - 1) * B * (2 * D + 1 + W) * 4 / 1e6
         diff = max(every[r][N, "diff"] for r in range(W))
         print(f"{N:>8} {N // W:>7} {med['gather']:>10.2f} {med['shard']:>9.2f} {paired:>7.2f} "
-              f"{med['gather op']:>10.2f} {med['shard op']:>9.2f} {gather_mb:>10.2f} {shard_mb:>9.2f} {diff:>9.1e}")
+              f"{med['gather op']:>10.2f} {med['shard op']:>9.2f} {gather_mb:>10.2f} {shard_mb:>9.2f} {diff:>9.1e} "
+              f"{every[0][N, 'refined']:>7.0%}")
 
 
 if __name__ == "__main__":

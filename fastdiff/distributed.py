@@ -75,6 +75,11 @@ def _check_across_ranks(x: torch.Tensor, ref_shard: torch.Tensor, group, world: 
         raise ValueError("ref_shard is empty on every rank: the reference batch needs at least one row")
 
 
+# The combine's share of the 1e-4 contract: each partial keeps the op's own ~4 * ERROR_BUDGET
+# (fastdiff/ops/stf.py), and a convex combination of partials keeps that; the float32 lse may
+# add at most this much.
+COMBINE_BUDGET = 5 * ERROR_BUDGET
+
 # Rows seen and rows whose partial lse was recomputed in float64, since import (for benchmarks).
 _STATS = {"rows": 0, "refined": 0}
 
@@ -135,10 +140,14 @@ def stf_target_sharded(x: torch.Tensor, sigma, ref_shard: torch.Tensor, *, group
     D = x2.shape[1]
     rank = dist.get_rank(group)
 
-    x_all = x2.new_empty(world * B, D)
-    s_all = s.new_empty(world * B)
-    dist.all_gather_into_tensor(x_all, x2, group=group)
-    dist.all_gather_into_tensor(s_all, s, group=group)
+    if x2.dtype in (torch.float32, torch.float64):          # sigma rides along as one more column
+        both = x2.new_empty(world * B, D + 1)
+        dist.all_gather_into_tensor(both, torch.cat([x2, s.to(x2.dtype)[:, None]], 1), group=group)
+        x_all, s_all = both[:, :D], both[:, D].float()
+    else:
+        x_all, s_all = x2.new_empty(world * B, D), s.new_empty(world * B)
+        dist.all_gather_into_tensor(x_all, x2, group=group)
+        dist.all_gather_into_tensor(s_all, s, group=group)
     if ref_shard.shape[0]:
         t_k, lse_k = fastdiff.stf_target(x_all, s_all, ref_shard.detach().reshape(ref_shard.shape[0], D),
                                          precision=precision, backend=backend, return_lse=True)
@@ -152,13 +161,14 @@ def stf_target_sharded(x: torch.Tensor, sigma, ref_shard: torch.Tensor, *, group
     every = every.view(world, 2, world * B)
     lse64, dist_t = every[:, 0], every[:, 1]
     w = torch.exp(lse64 - torch.logsumexp(lse64, 0))                    # (world, W*B) shard weights
-    # The op returns lse in float32: rounding |lse| (~D/2 and up) errs by 2^-24 |lse|, which
-    # moves t_i by up to 2 sum_k w_k (1 - w_k) u_k max_k ||t_k - t_i||. Rows where that could
-    # exceed the op's own error budget get their partial lse again, in float64.
-    u = torch.where(torch.isfinite(lse64), lse64.abs() * 2.0 ** -23, 0.0)
+    # The op returns lse in float32: rounding |lse| (~D/2 and up) errs by u_k = 2^-24 |lse_k|,
+    # which moves t_i by up to 2 sum_k w_k (1 - w_k) u_k max_k ||t_k - t_i||. Rows where that
+    # could exceed COMBINE_BUDGET (in units of sigma_i sqrt(D)) get their partial lse again, in
+    # float64: a host sync, and a float64 pass over the shard for those rows.
+    u = torch.where(torch.isfinite(lse64), lse64.abs() * 2.0 ** -24, 0.0)
     lever = 2.0 * dist_t.amax(0)                                         # >= ||t_k - t_i|| for every k
     bound = 2.0 * (w * (1.0 - w) * u).sum(0) * lever / (s_all.double() * math.sqrt(D))
-    rows = (bound > ERROR_BUDGET).nonzero().flatten()                   # the same on every rank
+    rows = (bound > COMBINE_BUDGET).nonzero().flatten()                 # the same on every rank
     _STATS["rows"] += world * B
     if rows.numel():
         _STATS["refined"] += rows.numel()

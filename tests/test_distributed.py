@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
+import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -21,10 +22,11 @@ import torch.multiprocessing as mp
 
 import fastdiff
 from fastdiff.distributed import stf_target_sharded, world_size
+from fastdiff.train import main
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_stf import CONTRACT, oracle, row_err  # noqa: E402
-from test_train import TINY, _env  # noqa: E402
+from test_stf import CONTRACT, assert_contract, oracle, row_err  # noqa: E402
+from test_train import TINY  # noqa: E402
 
 WORLD = 2
 SIGMAS = [0.002, 0.002, 0.02, 0.5, 5.0, 80.0, 0.002]
@@ -95,7 +97,7 @@ def zlib_seed(name: str) -> int:
 CASES = ["ragged", "far", "dup", "empty", "b1", "d3072", "bisect"]
 
 
-def _worker(rank: int, init: str, out: str):
+def _worker(rank: int, init: str, out: str, ports: list):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     results = {}
@@ -107,6 +109,8 @@ def _worker(rank: int, init: str, out: str):
     xs, sigmas, shards = _case("ragged")
     results["float"] = stf_target_sharded(xs[rank], 0.5, shards[rank])
     results["b1sigma"] = stf_target_sharded(xs[rank], sigmas[rank][:, None], shards[rank])
+    for dt in (torch.float64, torch.bfloat16):
+        results[dt] = stf_target_sharded(xs[rank].to(dt), sigmas[rank], shards[rank].to(dt))
     # every rank must reject a batch-size mismatch by naming the argument
     errors = {}
     try:
@@ -124,13 +128,34 @@ def _worker(rank: int, init: str, out: str):
         errors["all_empty"] = str(e)
     torch.save({"results": results, "errors": errors}, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
+    # Two short training runs in these same processes (as torchrun would start them; starting
+    # fresh processes costs more than the runs): the reference rows gathered, then sharded.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
+    os.environ.pop("FASTDIFF_FAULT", None)
+    for mode, port in zip(("gather", "shard"), ports):
+        os.environ["MASTER_PORT"] = str(port)       # a store of its own per run
+        code = main([*TINY, "--steps", "3", "--ckpt-every", "3", "--out", os.path.join(out, "runs"),
+                     "--name", mode, "--ref-dist", mode, "--threads", "1"])
+        assert code == 0, code
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded")
-    mp.spawn(_worker, args=(f"file://{tmp / 'store'}", str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    socks = [socket.socket() for _ in range(2)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    ctx = mp.spawn(_worker, args=(f"file://{tmp / 'store'}", str(tmp), ports), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300                   # a rank stuck in a collective must not hang the suite
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the 2-process workers did not finish within 300 s")
+    return {"ranks": [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)], "dir": tmp}
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
@@ -139,7 +164,7 @@ def test_sharded_target_meets_the_contract_for_the_whole_reference(sharded, name
     xs, sigmas, shards = _case(name)
     ref = torch.cat(shards)
     for r in range(WORLD):
-        t = sharded[r]["results"][name, backend]
+        t = sharded["ranks"][r]["results"][name, backend]
         assert t.shape == xs[r].shape and t.dtype == xs[r].dtype
         t64, _ = oracle(xs[r], sigmas[r], ref)
         err = row_err(t, t64, sigmas[r])
@@ -150,14 +175,23 @@ def test_sharded_target_sigma_forms(sharded):
     xs, sigmas, shards = _case("ragged")
     ref = torch.cat(shards)
     for r in range(WORLD):
-        assert row_err(sharded[r]["results"]["float"], oracle(xs[r], 0.5, ref)[0], 0.5).max() <= CONTRACT
-        t = sharded[r]["results"]["b1sigma"]
+        assert row_err(sharded["ranks"][r]["results"]["float"], oracle(xs[r], 0.5, ref)[0], 0.5).max() <= CONTRACT
+        t = sharded["ranks"][r]["results"]["b1sigma"]
         assert row_err(t, oracle(xs[r], sigmas[r], ref)[0], sigmas[r]).max() <= CONTRACT
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sharded_target_dtypes(sharded, dtype):
+    xs, sigmas, shards = _case("ragged")
+    for r in range(WORLD):
+        t = sharded["ranks"][r]["results"][dtype]
+        assert t.dtype == dtype
+        assert_contract(t, xs[r].to(dtype), sigmas[r], torch.cat(shards).to(dtype))
 
 
 def test_sharded_target_mismatches_raise_on_every_rank(sharded):
     for r in range(WORLD):
-        e = sharded[r]["errors"]
+        e = sharded["ranks"][r]["errors"]
         assert "x must have the same batch size on every rank" in e["batch"]
         assert "x must have the same dtype on every rank" in e["dtype"]
         assert "ref_shard is empty on every rank" in e["all_empty"]
@@ -172,24 +206,18 @@ def test_single_process_is_stf_target():
         stf_target_sharded(x, sigma, ref[:, :2])
 
 
-def _ddp_run(tmp_path, name, *args):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-                        "-m", "fastdiff.train", *TINY, "--steps", "3", "--ckpt-every", "3", "--out", "runs",
-                        "--name", name, *args], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+def _run_record(run):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     sums = [x["rank_param_checksums"] for x in lines if "rank_param_checksums" in x]
     assert len(sums) == 1 and all(s[0] == s[1] for s in sums)          # the ranks stay in sync
-    config = json.loads((tmp_path / "runs" / name / "config.json").read_text())
-    return [x["loss"] for x in lines if "loss" in x], config
+    return [x["loss"] for x in lines if "loss" in x], json.loads((run / "config.json").read_text())
 
 
-def test_ddp_shard_matches_gather(tmp_path):
-    shard, config = _ddp_run(tmp_path, "shard", "--ref-dist", "shard")
-    assert config["ref_dist"] == "shard" and config["world_size"] == WORLD
-    gather, config = _ddp_run(tmp_path, "gather", "--ref-dist", "gather")
-    assert config["ref_dist"] == "gather"
+def test_ddp_shard_matches_gather(sharded):
+    gather, config = _run_record(sharded["dir"] / "runs" / "gather")
+    assert config["ref_dist"] == "gather" and config["world_size"] == WORLD
+    shard, config = _run_record(sharded["dir"] / "runs" / "shard")
+    assert config["ref_dist"] == "shard"
     # The same reference set in another order: targets agree to ~1e-6, so do the losses.
     assert len(shard) == len(gather) == 3
     assert shard == pytest.approx(gather, rel=1e-4, abs=1e-6)
