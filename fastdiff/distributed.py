@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 import fastdiff
-from fastdiff.ops.stf import ERROR_BUDGET, _checking_values, _sigma_rows, chunk_rows
+from fastdiff.ops.stf import ERROR_BUDGET, _checking_values, _exact_sqdist, _sigma_rows, chunk_rows, gemm_gamma
 
 __all__ = ["stf_target_sharded", "world_size"]
 
@@ -80,27 +80,59 @@ def _check_across_ranks(x: torch.Tensor, ref_shard: torch.Tensor, group, world: 
 # add at most this much.
 COMBINE_BUDGET = 5 * ERROR_BUDGET
 
+# Entries more than this far below a row's largest logit are left out of its float64 lse
+# (each weighs < e^-60 of the largest: far below float64's resolution of the sum).
+LSE_WINDOW = 60.0
+
 # Rows seen and rows whose partial lse was recomputed in float64, since import (for benchmarks).
 _STATS = {"rows": 0, "refined": 0}
 
 
 def _lse64(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """logsumexp_k(-||x_i - ref_k||^2 / (2 sigma_i^2)) in float64, (R,), chunked over ref.
+    """logsumexp_k(-||x_i - ref_k||^2 / (2 sigma_i^2)) in float64, (R,).
 
-    Float64 expansion: its logit error gemm_gamma(D, 2^-53) (||r||^2 + 2 ||x|| ||r||) / (2 sigma^2)
-    is ~1e-5 even at sigma = 0.002 and D = 3072, on rows that are near t_i anyway."""
+    Rows where most entries matter (large sigma) and the float64 expansion's logit error is
+    below 1e-7 take float64 GEMMs. Otherwise an fp32 GEMM screens the entries (no float64 copy of ref); those within LSE_WINDOW of the
+    row's maximum, widened by twice their bound on the fp32 error (the op's gemm_gamma), are
+    evaluated by direct difference in float64 (fastdiff/ops/stf.py's _exact_sqdist); the others
+    weigh < e^-LSE_WINDOW each, relative to the maximum."""
     R, D = x.shape
-    if ref.shape[0] == 0:
-        return torch.full((R,), float("-inf"), dtype=torch.float64, device=x.device)
-    x64 = x.double()
-    inv2s2 = 0.5 / sigma.double() ** 2
-    xn = (x64 * x64).sum(1)
     out = torch.full((R,), float("-inf"), dtype=torch.float64, device=x.device)
-    step = chunk_rows(R, ref.shape[0], D, torch.float64)
+    if ref.shape[0] == 0:
+        return out
+    x64 = x.double()
+    xf = x.float()
+    inv2s2 = 0.5 / sigma.double() ** 2
+    xnorm = x64.norm(dim=1)
+    gamma = 2.0 * gemm_gamma(D)             # twice the op's bound: the norms here are fp32 sums
+    step = chunk_rows(R, ref.shape[0], D, torch.float32)
+    logit, err = [], []
     for k0 in range(0, ref.shape[0], step):
-        r = ref[k0:k0 + step].double()
-        d2 = (xn[:, None] - 2.0 * (x64 @ r.T) + (r * r).sum(1)[None, :]).clamp_min(0.0)
-        out = torch.logaddexp(out, torch.logsumexp(-d2 * inv2s2[:, None], 1))
+        rf = ref[k0:k0 + step].float()
+        rn = (rf * rf).sum(1).double()
+        a = (2.0 * (xf @ rf.T)).double() - rn[None, :]
+        logit.append((a - (x64 * x64).sum(1)[:, None]) * inv2s2[:, None])
+        err.append(gamma * (rn[None, :] + 2.0 * xnorm[:, None] * rn.sqrt()[None, :]) * inv2s2[:, None])
+    logit, err = torch.cat(logit, 1), torch.cat(err, 1)
+    keep = logit + err >= (logit - err).amax(1, keepdim=True) - LSE_WINDOW
+    # Rows keeping many entries (large sigma) take the float64 expansion, where its error
+    # bound allows, instead of one direct difference per entry.
+    bound64 = gemm_gamma(D, 2.0 ** -53) * (err / gamma).amax(1)
+    dense = (keep.sum(1) > ref.shape[0] // 4) & (bound64 < 1e-7)
+    keep[dense] = False
+    rows, cols = keep.nonzero(as_tuple=True)
+    exact = -_exact_sqdist(x64, ref, rows, cols, D) * inv2s2[rows]
+    m = out.scatter_reduce(0, rows, exact, "amax")
+    total = torch.zeros(R, dtype=torch.float64, device=x.device).index_add_(0, rows, torch.exp(exact - m[rows]))
+    out = m + torch.log(total)
+    d = dense.nonzero().flatten()
+    if d.numel():
+        lse = torch.full((d.numel(),), float("-inf"), dtype=torch.float64, device=x.device)
+        for k0 in range(0, ref.shape[0], step):
+            r = ref[k0:k0 + step].double()
+            d2 = (x64[d] * x64[d]).sum(1)[:, None] - 2.0 * (x64[d] @ r.T) + (r * r).sum(1)[None, :]
+            lse = torch.logaddexp(lse, torch.logsumexp(-d2 * inv2s2[d, None], 1))
+        out[d] = lse
     return out
 
 
