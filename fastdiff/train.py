@@ -7,21 +7,39 @@ config.json, metrics.jsonl, checkpoint-*.pt, samples-*.png. At CIFAR-10 scale:
     torchrun --nproc_per_node=8 -m fastdiff.train --data cifar-10-batches-py \\
         --preset ddpmpp-cifar --batch 64 --ref-size 512 --kimg 200000 --xflip --precision bf16
 
-Distributed STF. Each rank's reference batch is the concatenation of every
-rank's mini-batch and every rank's uniform draws (all-gathered; no gradient
-flows through the reference), so N = world * ref_size grows with the number of
-GPUs (8 x 512 = 4096 above, the paper's size), every row's own clean sample is
-in it, and the target stays exact. We gather rather than shard N and combine
-partial log-sum-exps: the gathered rows are clean images, a few MB for
-N = 4096 at 32x32, fetched by one all-gather per step before the forward and
-independent of the model, while sharding would need a collective on the
-(B, D) partial targets and log-sum-exps inside the step, between the target
-and the loss, and would keep the compiled step from being one local graph. (A choice by this argument; a multi-GPU
-measurement of both is still to be made.)
+Distributed STF. A row's reference batch is every rank's mini-batch and
+uniform draws together (no gradient flows through it), so N = world * ref_size
+grows with the number of GPUs (8 x 512 = 4096 above, the paper's size), every
+row's own clean sample is in it, and the target stays exact. --ref-dist says
+how the ranks share it:
+
+  gather (default)  each rank all-gathers the clean rows, (W-1) ref_size D
+                    values per rank and step, before the step: one collective,
+                    independent of the model, no host sync.
+  shard             each rank keeps its rows; the objective calls
+                    fastdiff.distributed.stf_target_sharded, which gathers the
+                    W*B queries instead, computes partial targets against the
+                    local rows and combines them by their log-sum-exps
+                    (~2 (W-1) B D values per rank), with 3-4 collectives and a
+                    host sync inside the step, plus a float64 pass for the
+                    rows whose float32 partial lse is too coarse for the 1e-4
+                    contract.
+
+Measured on 2 CPU processes over gloo, B = 16, D = 3072, N = 512..4096
+(benchmarks/results/distributed-cpu-gloo.txt; NCCL across GPUs could not be
+measured here): shard takes 0.24-0.64x gather's time at N/rank >= 1024 on
+uniform rows, moving 0.39 MB instead of 3-25 MB per rank; but on clustered
+rows (6-9% of rows refined in float64) it takes 1.7-2.3x at N/rank <= 512,
+the CIFAR-10 setting above, and 0.6-0.85x only from N/rank = 1024 up. So
+gather stays the default; prefer shard for large --ref-size per rank or a
+slow interconnect (several nodes), where moving the rows dominates.
 
 The step (network, objective, fused ops, under bf16 autocast when asked) is one
 torch.compile'd function; losses stay on the device and are read every
---log-every steps, so a step makes no host synchronization.
+--log-every steps, so a step makes no host synchronization (under --ref-dist
+shard the sharded target makes one, to pick the rows it refines).
+Under torchrun the step is compiled without fullgraph, so --ref-dist shard's
+collectives inside it work with --compile (checked on CPU with gloo).
 """
 from __future__ import annotations
 
@@ -74,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="STF reference batch per process: the mini-batch plus ref_size - batch uniform draws")
     g.add_argument("--ref-dist", default="gather", choices=["gather", "shard"],
                    help="under torchrun: all-gather every rank's reference rows (gather), or keep them where they "
-                        "are and combine per-rank partial targets by their log-sum-exps (shard); the same target")
+                        "are and combine per-rank partial targets by their log-sum-exps (shard); the same target. "
+                        "gather measured faster at ref-size <= 512 per rank, shard at >= 1024 (see the module "
+                        "docstring)")
     g.add_argument("--process", default="edm", help="ve | vp | vp_cosine | edm")
     g.add_argument("--param", default="edm", help="network parameterization: edm | eps | x0 | v | score")
     g.add_argument("--weighting", default="edm", help="loss weighting w(lambda), see fastdiff.diffusion")
