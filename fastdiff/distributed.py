@@ -11,16 +11,24 @@ its own x, without moving the reference rows:
     t   = x + reduce_scatter_k( exp(lse_k - LSE) * (t_k - x_all) )
 
 The softmax over the whole reference batch is the partial softmaxes weighted
-by exp(lse_k - LSE) (flash-attention's split-KV combine). The weights are
-formed in float64; the partials are combined as offsets from x, the scale of
-the row's noise (sigma sqrt(D) at small sigma), so rounding the transported
-sum in float32 costs ~W ulps of that scale rather than of ||t||, which at
-sigma = 0.002 would be 500 times larger. Each partial keeps the op's own bound
-(err <= 1e-4 in units of sigma sqrt(D)); an error e in a partial's lse moves
-t by at most w_k (1 - w_k) e ||t_k - t_j||, and two shards carry comparable
-weight only where their partial targets lie within a few sigma of each other
-or sigma is large, so the float32 lse (rounding |lse| ~ D/2 to 2^-24) adds
-well under the contract at D = 3072 (tests/test_distributed.py).
+by w_k = exp(lse_k - LSE) (flash-attention's split-KV combine), formed in
+float64. The partials are combined as offsets from x, the scale of the row's
+noise (sigma sqrt(D) at small sigma), so rounding the transported sum in
+float32 costs ~W ulps of that scale rather than of ||t||, 500 times larger at
+sigma = 0.002. A convex combination of partials keeps each partial's own bound
+(the op's ~4e-5 in units of sigma sqrt(D)).
+
+The float32 lse the op returns is the one weak point: |lse| is ~D/2 and more
+(the noise alone puts x at distance ~sigma sqrt(D) from every row), so its
+rounding u_k = 2^-24 |lse_k| moves t_i by up to 2 sum_k w_k (1 - w_k) u_k
+max_k ||t_k - t_i||. Where two ranks' partials both carry weight and lie a few
+sigma sqrt(D) apart (moderate sigma, a query between two groups of rows) that
+reaches 4e-4 at D = 3072 (tests/test_distributed.py, "bisect"). Rows whose
+bound exceeds COMBINE_BUDGET get their partial lse recomputed in float64
+(_lse64: an fp32 GEMM picks the entries within e^-60 of the maximum, direct
+float64 differences evaluate them) and all-gathered once more; deciding which
+rows is the one host sync. An op returning lse in float64 (its backends hold
+m + log s in float64 before rounding) would make this pass unnecessary.
 
 Per rank and step this moves ~2 (W-1) B D values plus (W-1) W B floats of
 lse, against (W-1) N_local D for gathering the rows; the FLOPs are the same
@@ -34,7 +42,7 @@ import math
 import torch
 import torch.distributed as dist
 
-import fastdiff
+import fastdiff.ops
 from fastdiff.ops.stf import ERROR_BUDGET, _checking_values, _exact_sqdist, _sigma_rows, chunk_rows, gemm_gamma
 
 __all__ = ["stf_target_sharded", "world_size"]
@@ -91,11 +99,11 @@ _STATS = {"rows": 0, "refined": 0}
 def _lse64(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """logsumexp_k(-||x_i - ref_k||^2 / (2 sigma_i^2)) in float64, (R,).
 
-    Rows where most entries matter (large sigma) and the float64 expansion's logit error is
-    below 1e-7 take float64 GEMMs. Otherwise an fp32 GEMM screens the entries (no float64 copy of ref); those within LSE_WINDOW of the
-    row's maximum, widened by twice their bound on the fp32 error (the op's gemm_gamma), are
-    evaluated by direct difference in float64 (fastdiff/ops/stf.py's _exact_sqdist); the others
-    weigh < e^-LSE_WINDOW each, relative to the maximum."""
+    An fp32 GEMM screens the entries (no float64 copy of ref): those within LSE_WINDOW of
+    the row's maximum, widened by twice their bound on the fp32 error (the op's gemm_gamma),
+    are evaluated by direct difference in float64 (fastdiff/ops/stf.py's _exact_sqdist); the
+    others weigh < e^-LSE_WINDOW each, relative to the maximum. Rows keeping most entries
+    (large sigma) take float64 GEMMs instead where the expansion's logit error is < 1e-7."""
     R, D = x.shape
     out = torch.full((R,), float("-inf"), dtype=torch.float64, device=x.device)
     if ref.shape[0] == 0:
@@ -123,7 +131,8 @@ def _lse64(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor) -> torch.Ten
     rows, cols = keep.nonzero(as_tuple=True)
     exact = -_exact_sqdist(x64, ref, rows, cols, D) * inv2s2[rows]
     m = out.scatter_reduce(0, rows, exact, "amax")
-    total = torch.zeros(R, dtype=torch.float64, device=x.device).index_add_(0, rows, torch.exp(exact - m[rows]))
+    total = torch.zeros(R, dtype=torch.float64, device=x.device)
+    total.index_add_(0, rows, torch.exp(exact - m[rows]))
     out = m + torch.log(total)
     d = dense.nonzero().flatten()
     if d.numel():
@@ -154,7 +163,7 @@ def stf_target_sharded(x: torch.Tensor, sigma, ref_shard: torch.Tensor, *, group
     """
     world = world_size(group)
     if world == 1:
-        return fastdiff.stf_target(x, sigma, ref_shard, precision=precision, backend=backend)
+        return fastdiff.ops.stf_target(x, sigma, ref_shard, precision=precision, backend=backend)
     for name, t in (("x", x), ("ref_shard", ref_shard)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -181,7 +190,7 @@ def stf_target_sharded(x: torch.Tensor, sigma, ref_shard: torch.Tensor, *, group
         dist.all_gather_into_tensor(x_all, x2, group=group)
         dist.all_gather_into_tensor(s_all, s, group=group)
     if ref_shard.shape[0]:
-        t_k, lse_k = fastdiff.stf_target(x_all, s_all, ref_shard.detach().reshape(ref_shard.shape[0], D),
+        t_k, lse_k = fastdiff.ops.stf_target(x_all, s_all, ref_shard.detach().reshape(ref_shard.shape[0], D),
                                          precision=precision, backend=backend, return_lse=True)
     else:                                       # an empty shard: weight 0 everywhere
         t_k = x_all
