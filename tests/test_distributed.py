@@ -221,3 +221,47 @@ def test_ddp_shard_matches_gather(sharded):
     # The same reference set in another order: targets agree to ~1e-6, so do the losses.
     assert len(shard) == len(gather) == 3
     assert shard == pytest.approx(gather, rel=1e-4, abs=1e-6)
+
+
+def test_lse64_matches_the_oracle():
+    """The float64 partial lse for refined rows: sparse (screened) and dense rows, tiny to large sigma."""
+    from fastdiff.distributed import _lse64
+    D = 300
+    centres = torch.rand(4, D) * 2 - 1
+    ref = centres[torch.randint(0, 4, (97,))] + 0.05 * torch.randn(97, D)
+    sigma = torch.tensor([0.002, 0.05, 0.5, 5.0, 80.0])
+    x = ref[:5] + sigma[:, None] * torch.randn(5, D)
+    got = _lse64(x, sigma, ref)
+    _, lse64 = oracle(x, sigma, ref)
+    torch.testing.assert_close(got, lse64, rtol=1e-12, atol=1e-9)
+    assert torch.equal(_lse64(x, sigma, ref[:0]), torch.full((5,), float("-inf"), dtype=torch.float64))
+
+
+def test_objective_target_hook():
+    from fastdiff.diffusion import make_objective
+    calls = []
+
+    def target_fn(x, sigma, ref, **kw):
+        calls.append((x.shape, ref.shape, kw))
+        return fastdiff.stf_target(x, sigma, ref, **kw)
+
+    y, extra = torch.rand(4, 6) * 2 - 1, torch.rand(5, 6) * 2 - 1
+    net = lambda x, c: x                                  # noqa: E731
+    obj = make_objective(stf_target_fn=target_fn)
+    g = torch.Generator().manual_seed(0)
+    loss, _ = obj(net, y, extra, generator=g)
+    assert calls == [((4, 6), (9, 6), {"precision": "highest", "backend": "auto"})]
+    ref_loss, _ = make_objective()(net, y, extra, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loss, ref_loss)
+
+
+def test_checkpoint_without_ref_dist_resumes(tmp_path):
+    """A checkpoint from before --ref-dist (no such key in its config) resumes; ref_dist is decided afresh."""
+    from fastdiff import checkpoint as ckpt_io
+    assert main([*TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(tmp_path), "--name", "old"]) == 0
+    path = tmp_path / "old" / "checkpoint-0000002.pt"
+    state = ckpt_io.load(str(path))
+    del state["config"]["ref_dist"]
+    ckpt_io.save(state, str(path))
+    assert main(["--resume", str(tmp_path / "old"), "--steps", "3", "--ref-dist", "shard"]) == 0
+    assert ckpt_io.load(str(tmp_path / "old" / "checkpoint-0000003.pt"))["config"]["ref_dist"] == "shard"
