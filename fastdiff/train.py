@@ -25,14 +25,14 @@ how the ranks share it:
                     rows whose float32 partial lse is too coarse for the 1e-4
                     contract.
 
-Measured on 2 CPU processes over gloo, B = 16, D = 3072, N = 512..4096
+Measured on 2 CPU processes over gloo, B = 16, D = 3072, N/rank = 256..2048
 (benchmarks/results/distributed-cpu-gloo.txt; NCCL across GPUs could not be
-measured here): shard takes 0.24-0.64x gather's time at N/rank >= 1024 on
-uniform rows, moving 0.39 MB instead of 3-25 MB per rank; but on clustered
-rows (6-9% of rows refined in float64) it takes 1.7-2.3x at N/rank <= 512,
-the CIFAR-10 setting above, and 0.6-0.85x only from N/rank = 1024 up. So
-gather stays the default; prefer shard for large --ref-size per rank or a
-slow interconnect (several nodes), where moving the rows dominates.
+measured here), shard / gather time: 0.23-0.64 where no row needed the
+float64 pass, moving 0.39 MB instead of 3-25 MB per rank; but on clustered rows
+(6-9% of rows refined) 1.3-2.3 at N/rank <= 512, the CIFAR-10 setting above,
+0.85-0.93 at 1024 and 0.53-0.59 at 2048. So gather stays the default; prefer
+shard for a large --ref-size per rank or a slow interconnect (several nodes),
+where moving the rows dominates.
 
 The step (network, objective, fused ops, under bf16 autocast when asked) is one
 torch.compile'd function; losses stay on the device and are read every
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ref-dist", default="gather", choices=["gather", "shard"],
                    help="under torchrun: all-gather every rank's reference rows (gather), or keep them where they "
                         "are and combine per-rank partial targets by their log-sum-exps (shard); the same target. "
-                        "gather measured faster at ref-size <= 512 per rank, shard at >= 1024 (see the module "
+                        "gather measured faster at ref-size <= 512 per rank, shard at >= 2048 (see the module "
                         "docstring)")
     g.add_argument("--process", default="edm", help="ve | vp | vp_cosine | edm")
     g.add_argument("--param", default="edm", help="network parameterization: edm | eps | x0 | v | score")
