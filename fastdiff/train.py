@@ -14,8 +14,8 @@ row's own clean sample is in it, and the target stays exact. --ref-dist says
 how the ranks share it:
 
   gather (default)  each rank all-gathers the clean rows, (W-1) ref_size D
-                    values per rank and step, before the step: one collective,
-                    independent of the model, no host sync.
+                    values per rank and step, before the step: two all-gathers
+                    (batch, draws), independent of the model, no host sync.
   shard             each rank keeps its rows; the objective calls
                     fastdiff.distributed.stf_target_sharded, which gathers the
                     W*B queries instead, computes partial targets against the
