@@ -7,21 +7,39 @@ config.json, metrics.jsonl, checkpoint-*.pt, samples-*.png. At CIFAR-10 scale:
     torchrun --nproc_per_node=8 -m fastdiff.train --data cifar-10-batches-py \\
         --preset ddpmpp-cifar --batch 64 --ref-size 512 --kimg 200000 --xflip --precision bf16
 
-Distributed STF. Each rank's reference batch is the concatenation of every
-rank's mini-batch and every rank's uniform draws (all-gathered; no gradient
-flows through the reference), so N = world * ref_size grows with the number of
-GPUs (8 x 512 = 4096 above, the paper's size), every row's own clean sample is
-in it, and the target stays exact. We gather rather than shard N and combine
-partial log-sum-exps: the gathered rows are clean images, a few MB for
-N = 4096 at 32x32, fetched by one all-gather per step before the forward and
-independent of the model, while sharding would need a collective on the
-(B, D) partial targets and log-sum-exps inside the step, between the target
-and the loss, and would keep the compiled step from being one local graph. (A choice by this argument; a multi-GPU
-measurement of both is still to be made.)
+Distributed STF. A row's reference batch is every rank's mini-batch and
+uniform draws together (no gradient flows through it), so N = world * ref_size
+grows with the number of GPUs (8 x 512 = 4096 above, the paper's size), every
+row's own clean sample is in it, and the target stays exact. --ref-dist says
+how the ranks share it:
+
+  gather (default)  each rank all-gathers the clean rows, (W-1) ref_size D
+                    values per rank and step, before the step: two all-gathers
+                    (batch, draws), independent of the model, no host sync.
+  shard             each rank keeps its rows; the objective calls
+                    fastdiff.distributed.stf_target_sharded, which gathers the
+                    W*B queries instead, computes partial targets against the
+                    local rows and combines them by their log-sum-exps
+                    (~2 (W-1) B D values per rank), with 3-4 collectives and a
+                    host sync inside the step, plus a float64 pass for the
+                    rows whose float32 partial lse is too coarse for the 1e-4
+                    contract.
+
+Measured on 2 CPU processes over gloo, B = 16, D = 3072, N/rank = 256..2048
+(benchmarks/results/distributed-cpu-gloo.txt; NCCL across GPUs could not be
+measured here), shard / gather time: 0.23-0.64 where no row needed the
+float64 pass, moving 0.39 MB instead of 3-25 MB per rank; but on clustered rows
+(6-9% of rows refined) 1.3-2.3 at N/rank <= 512, the CIFAR-10 setting above,
+0.85-0.93 at 1024 and 0.53-0.59 at 2048. So gather stays the default; prefer
+shard for a large --ref-size per rank or a slow interconnect (several nodes),
+where moving the rows dominates.
 
 The step (network, objective, fused ops, under bf16 autocast when asked) is one
 torch.compile'd function; losses stay on the device and are read every
---log-every steps, so a step makes no host synchronization.
+--log-every steps, so a step makes no host synchronization (under --ref-dist
+shard the sharded target makes one, to pick the rows it refines).
+Under torchrun the step is compiled without fullgraph, so --ref-dist shard's
+collectives inside it work with --compile (checked on CPU with gloo).
 """
 from __future__ import annotations
 
@@ -72,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="stf", choices=["stf", "dsm"], help="Stable Target Field or plain DSM")
     g.add_argument("--ref-size", type=int, default=1024,
                    help="STF reference batch per process: the mini-batch plus ref_size - batch uniform draws")
+    g.add_argument("--ref-dist", default="gather", choices=["gather", "shard"],
+                   help="under torchrun: all-gather every rank's reference rows (gather), or keep them where they "
+                        "are and combine per-rank partial targets by their log-sum-exps (shard); the same target. "
+                        "gather measured faster at ref-size <= 512 per rank, shard at >= 2048 (see the module "
+                        "docstring)")
     g.add_argument("--process", default="edm", help="ve | vp | vp_cosine | edm")
     g.add_argument("--param", default="edm", help="network parameterization: edm | eps | x0 | v | score")
     g.add_argument("--weighting", default="edm", help="loss weighting w(lambda), see fastdiff.diffusion")
@@ -320,8 +343,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
             raise ConfigError(f"checkpoint {path} is from another configuration: " + ", ".join(
                 f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved.get(k)!r})" for k in clash))
         # Options not given again continue as saved (the run's length included).
-        # Where and how it runs (device, compile, threads) is decided afresh on this machine.
-        keep = set(cfg) - explicit - {"resume", "device", "compile", "threads"}
+        # Where and how it runs (device, compile, threads, ref_dist) is decided afresh on this machine.
+        keep = set(cfg) - explicit - {"resume", "device", "compile", "threads", "ref_dist"}
         cfg = {**cfg, **{k: v for k, v in saved.items() if k in keep}}
         run_dir = os.path.dirname(os.path.abspath(path))
     check_config(cfg)
@@ -399,6 +422,12 @@ def training_loop(cfg: dict, explicit: set) -> str:
     bf16 = cfg["precision"] == "bf16"
     stf = cfg["objective"] == "stf"
     n_extra = cfg["ref_size"] - cfg["batch"] if stf else 0
+    shard = world > 1 and stf and cfg["ref_dist"] == "shard"
+    if shard:
+        # This rank's y and draws are its shard of the reference batch; the objective
+        # combines the ranks' partial targets (fastdiff.distributed).
+        from fastdiff.distributed import stf_target_sharded
+        obj.stf_target_fn = stf_target_sharded
 
     train_step = make_step(ddp_net, obj, opt, device=device, bf16=bf16, compile=cfg["compile"],
                            grad_clip=cfg["grad_clip"], world=world)
@@ -416,7 +445,7 @@ def training_loop(cfg: dict, explicit: set) -> str:
         if n_extra > 0:
             ridx, rflip = sampler.ref_rows(n_extra)
             extra = dataset.get(to_device(ridx), to_device(rflip))
-        if world > 1 and stf:
+        if world > 1 and stf and not shard:
             # Every rank's batch and draws join the reference batch (see the module docstring).
             ys, extras = [torch.empty_like(y) for _ in range(world)], None
             torch.distributed.all_gather(ys, y)

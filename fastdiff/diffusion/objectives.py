@@ -41,7 +41,7 @@ class Objective(nn.Module):
                  density="lognormal", sigma_data: float = 0.5, *, stf_precision: str = "highest",
                  stf_backend: str = "auto", loss_backend: str = "auto", process_kwargs: dict | None = None,
                  param_kwargs: dict | None = None, weighting_kwargs: dict | None = None,
-                 density_kwargs: dict | None = None):
+                 density_kwargs: dict | None = None, stf_target_fn=None):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -61,6 +61,9 @@ class Objective(nn.Module):
                 (self.process.lam_min, self.process.lam_max):
             raise ValueError("density was built for a different process (its lam range differs)")
         self.stf_precision, self.stf_backend, self.loss_backend = stf_precision, stf_backend, loss_backend
+        # Computes the STF target in place of fastdiff.stf_target (same signature), e.g.
+        # partial(fastdiff.distributed.stf_target_sharded, group=...) when ref is this rank's shard.
+        self.stf_target_fn = stf_target_fn
 
     def extra_repr(self):
         return f"objective={self.objective!r}, process={self.process!r}, param={self.param!r}"
@@ -104,7 +107,8 @@ class Objective(nn.Module):
         noise = torch.randn(y.shape, generator=generator, device=dev, dtype=dt)
         x = y + _bcast(sigma, y) * noise
         if self.objective == "stf":
-            target = fastdiff.stf_target(x, sigma, ref, precision=self.stf_precision, backend=self.stf_backend)
+            target_fn = self.stf_target_fn or fastdiff.stf_target
+            target = target_fn(x, sigma, ref, precision=self.stf_precision, backend=self.stf_backend)
         else:
             target = y
         F = net(_bcast(c_in, x) * x, c_noise.to(dt))
@@ -177,10 +181,13 @@ def make_objective(objective: str = "stf", process="edm", param="edm", weighting
         options: stf_precision, stf_backend (for fastdiff.stf_target), loss_backend
             (for fastdiff.weighted_mse), process_kwargs, param_kwargs, weighting_kwargs,
             density_kwargs (dicts of the components' parameters, e.g.
-            density_kwargs={"P_mean": -1.2, "P_std": 1.2}, weighting_kwargs={"b": 2.0}).
+            density_kwargs={"P_mean": -1.2, "P_std": 1.2}, weighting_kwargs={"b": 2.0}),
+            stf_target_fn (called as fastdiff.stf_target is, in its place: e.g.
+            fastdiff.distributed.stf_target_sharded when extra_ref is this rank's shard of a
+            reference batch spread over processes).
     """
     allowed = {"stf_precision", "stf_backend", "loss_backend", "process_kwargs", "param_kwargs",
-               "weighting_kwargs", "density_kwargs"}
+               "weighting_kwargs", "density_kwargs", "stf_target_fn"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; expected some of {sorted(allowed)}")
