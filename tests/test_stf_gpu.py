@@ -83,18 +83,6 @@ SIGMAS = [0.002, 0.02, 0.5, 5.0, 80.0]
 @needs_gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("B,N,D", FULL_SIZES)
-@pytest.mark.parametrize("sigma", SIGMAS)
-def test_highest_full_size(backend, B, N, D, sigma):
-    x, s, ref = near_duplicate_case(B, N, D, sigma)
-    x, s, ref = x.cuda(), s.cuda(), ref.cuda()
-    t, lse = _run_poisoned(backend, x, s, ref)
-    _check(t, lse, x, s, ref)
-
-
-@needs_gpu
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_mixed_sigma_duplicates_and_big_n(backend):
     B, N, D = 64, 50000, 3072
     x, s, ref = near_duplicate_case(B, N, D, 0.01)
@@ -162,12 +150,19 @@ def test_auto_on_cuda_is_exact():
 RAGGED = [(1, 1, 1), (1, 5, 3), (3, 1, 10), (5, 17, 1), (7, 123, 47), (2, 31, 300), (1, 700, 1), (65, 130, 65)]
 
 
+# "highest" at full sizes and at the ragged ones (ids full-B-N-D-sigma, ragged-B-N-D-sigma:
+# the sanitizer commands above select by them).
+HIGHEST_CASES = (
+    [pytest.param(B, N, D, sg, id=f"full-{B}-{N}-{D}-{sg}") for B, N, D in FULL_SIZES for sg in SIGMAS]
+    + [pytest.param(B, N, D, sg, id=f"ragged-{B}-{N}-{D}-{sg}") for B, N, D in RAGGED
+       for sg in (0.002, 0.5, 30.0, 80.0)])
+
+
 @needs_gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("B,N,D", RAGGED)
-@pytest.mark.parametrize("sigma", [0.002, 0.5, 30.0, 80.0])
-def test_highest_ragged_sizes(backend, B, N, D, sigma):
+@pytest.mark.parametrize("B,N,D,sigma", HIGHEST_CASES)
+def test_highest(backend, B, N, D, sigma):
     x, s, ref = near_duplicate_case(B, N, D, sigma)
     x, s, ref = x.cuda(), s.cuda(), ref.cuda()
     t, lse = _run_poisoned(backend, x, s, ref)
