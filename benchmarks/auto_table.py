@@ -5,8 +5,8 @@
 Reads the GPU runs of benchmarks/test_stf_bench.py (written by benchmarks/gpu_run.sh) and
 prints, per precision and size, the fastest of the `triton` and `cuda` backends (for
 "highest", among those whose measured error met the 1e-4 contract; a faster mode's error
-depends on sigma and both backends implement the same mode), as the literal to paste into
-fastdiff/ops/_dispatch.py, with the timings it was chosen from as comments.
+depends on sigma and both backends implement the same mode), as the AUTO_BY_SIZE literal to paste
+into fastdiff/ops/_dispatch.py, with the timings it was chosen from as comments.
 """
 from __future__ import annotations
 
@@ -59,14 +59,16 @@ def main(argv=None) -> int:
     if not argv:
         sys.stderr.write("usage: python benchmarks/auto_table.py BENCH.json [BENCH.json ...]\n")
         return 2
-    print("AUTO_STF_CUDA = {   # measured: " + ", ".join(argv))
+    print("AUTO_BY_SIZE = {   # measured: " + ", ".join(argv))
+    print('    "stf_target": {"cuda": {')
     for precision, rows in table(argv).items():
-        print(f"    {precision!r}: [")
+        print(f"        {precision!r}: [")
         for (B, N, D), winner, runs in rows:
             times = ", ".join(f"{k} {v[0] * 1e3:.3f} ms err {v[1]:.1e}" for k, v in sorted(runs.items())
                               if v[1] is not None)
-            print(f"        (({B}, {N}, {D}), {winner!r}),   # {times}")
-        print("    ],")
+            print(f"            (({B}, {N}, {D}), {winner!r}),   # {times}")
+        print("        ],")
+    print("    }},")
     print("}")
     return 0
 

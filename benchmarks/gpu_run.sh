@@ -25,7 +25,9 @@
 #   bash benchmarks/gpu_run.sh build bench-stf bench-modes
 #   bash benchmarks/gpu_run.sh build bench-ops bench-train
 # Output goes to OUTDIR (default $OUT, else benchmarks/results/gpu-<date>). Commit what it
-# writes under benchmarks/results/ with the device, versions, commit and command (env.txt).
+# writes under benchmarks/results/ with the device, versions, commit and command (env.txt);
+# `python benchmarks/auto_table.py OUTDIR/bench-stf.json OUTDIR/bench-modes.json` then prints
+# the measured backend="auto" table for fastdiff/ops/_dispatch.py.
 set -uo pipefail
 OUTDIR=${OUTDIR:-${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}}
 mkdir -p "$OUTDIR"

@@ -60,3 +60,79 @@ def test_unavailable_backend_by_name_says_why():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="cuda"):
         _dispatch.resolve("stf_target", "cuda", "cpu")
+
+
+# ---- backend="auto" by measured size (AUTO_BY_SIZE; empty until a GPU run fills it)
+
+def test_auto_by_size_is_empty_until_measured():
+    # No guessed entries: the table is filled from benchmarks/auto_table.py's output only.
+    assert _dispatch.AUTO_BY_SIZE == {}
+    assert _dispatch.auto_by_size("stf_target", "cuda", "highest", (64, 1024, 3072)) == "auto"
+
+
+def test_auto_by_size_takes_the_nearest_measured_entry(monkeypatch):
+    table = {"stf_target": {"cpu": {"highest": [((64, 1024, 3072), "torch"), ((512, 50000, 3072), "cpu")]}}}
+    monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE", table)
+    assert _dispatch.auto_by_size("stf_target", "cpu", "highest", (32, 900, 3072)) == "torch"
+    assert _dispatch.auto_by_size("stf_target", "cpu", "highest", (512, 20000, 2048)) == "cpu" \
+        or not _dispatch.backend_status("cpu", "cpu", "stf_target").available
+    assert _dispatch.auto_by_size("stf_target", "cpu", "tf32", (32, 900, 3072)) == "auto"     # not measured
+    assert _dispatch.auto_by_size("stf_target", "cuda", "highest", (32, 900, 3072)) == "auto"
+    assert _dispatch.auto_by_size("weighted_mse", "cpu", "highest", (32, 900, 3072)) == "auto"
+
+
+def test_auto_by_size_skips_an_unavailable_choice(monkeypatch):
+    table = {"stf_target": {"cpu": {"highest": [((64, 1024, 3072), "cuda")]}}}
+    monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE", table)
+    assert not _dispatch.backend_status("cuda", "cpu", "stf_target").available
+    assert _dispatch.auto_by_size("stf_target", "cpu", "highest", (64, 1024, 3072)) == "auto"
+
+
+def test_stf_target_auto_follows_the_measured_table(monkeypatch):
+    # The table's choice is the backend that runs (a spy stands in for the torch backend).
+    from fastdiff.ops import stf
+    calls = []
+
+    def spy(x, sigma, ref, precision, t_out, lse_out):
+        calls.append(precision)
+        stf.stf_target_torch(x, sigma, ref, precision, t_out, lse_out)
+
+    monkeypatch.setattr(stf, "_spy_backend", spy, raising=False)
+    monkeypatch.setitem(_dispatch.TABLE, "stf_target", {**_dispatch.TABLE["stf_target"],
+                                                        "torch": "fastdiff.ops.stf:_spy_backend"})
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
+    _dispatch._load.cache_clear()                   # "module:function" -> function is cached
+    monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE",
+                        {"stf_target": {"cpu": {"highest": [((3, 10, 12), "torch")]}}})
+    x, ref = torch.randn(3, 12), torch.randn(10, 12)
+    t = fastdiff.stf_target(x, 0.7, ref)
+    assert calls == ["highest"]
+    torch.testing.assert_close(t, fastdiff.stf_target(x, 0.7, ref, backend="torch"))
+    assert len(calls) == 2
+    monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE", {})          # back to the AUTO order: cpu first
+    fastdiff.stf_target(x, 0.7, ref)
+    assert len(calls) == 2 + (not _dispatch.backend_status("cpu", "cpu", "stf_target").available)
+
+
+def test_stf_target_auto_table_under_compile(monkeypatch):
+    # Compiled code consults the table when the op runs, not while tracing (no graph break).
+    from fastdiff.ops import stf
+    calls = []
+
+    def spy(x, sigma, ref, precision, t_out, lse_out):
+        calls.append(x.shape)
+        stf.stf_target_torch(x, sigma, ref, precision, t_out, lse_out)
+
+    monkeypatch.setattr(stf, "_spy_backend", spy, raising=False)
+    monkeypatch.setitem(_dispatch.TABLE, "stf_target", {**_dispatch.TABLE["stf_target"],
+                                                        "torch": "fastdiff.ops.stf:_spy_backend"})
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
+    _dispatch._load.cache_clear()                   # "module:function" -> function is cached
+    monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE",
+                        {"stf_target": {"cpu": {"highest": [((5, 9, 6), "torch")]}}})
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, ref: fastdiff.stf_target(x, 0.5, ref) * 2, fullgraph=True)
+    x, ref = torch.randn(5, 6), torch.randn(9, 6)
+    torch.testing.assert_close(fn(x, ref), 2 * fastdiff.stf_target(x, 0.5, ref, backend="cpu"
+                               if _dispatch.backend_status("cpu", "cpu", "stf_target").available else "torch"))
+    assert torch.Size([5, 6]) in calls

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from typing import Callable, NamedTuple
 
@@ -58,14 +59,28 @@ AUTO: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "torch"),
 }
 
-# ---- backend="auto" on CUDA by size and precision: MEASURED TABLE GOES HERE ----
-# The GPU issue (stf_target) wants "auto" to pick the fastest backend that meets
-# the requested precision at the given sizes, from figures measured on a GPU
-# (benchmarks/results/). None are measured yet: the Triton and CUDA kernels were
-# written and tested without a GPU. Until then "auto" keeps the fixed order above.
-# When measured, add a table such as
-#   AUTO_BY_SIZE = {"stf_target": {(precision, B_max, N_max, D_max): "triton", ...}}
-# and consult it in resolve() before AUTO.
+# backend="auto" by size and precision, for ops whose fastest backend depends on them
+# (stf_target on CUDA): op -> device type -> precision -> [((B, N, D), backend), ...], from
+# figures measured on that device. `python benchmarks/auto_table.py` prints the entries from
+# the JSON that benchmarks/gpu_run.sh writes; a call takes the entry nearest its size (in log
+# scale). Empty until measured: the Triton and CUDA kernels have not run on a GPU yet, so
+# "auto" keeps the fixed order of AUTO, and no guess stands in for a measurement.
+AUTO_BY_SIZE: dict[str, dict[str, dict[str, list[tuple[tuple[int, ...], str]]]]] = {}
+
+
+def auto_by_size(op: str, device_type: str, precision: str, size: tuple[int, ...]) -> str:
+    """The measured backend for `op` at `size` and `precision` on `device_type`: the entry of
+    AUTO_BY_SIZE nearest in log size, or "auto" (the AUTO order) where nothing was measured
+    or the measured backend is unavailable here."""
+    rows = AUTO_BY_SIZE.get(op, {}).get(device_type, {}).get(precision)
+    if not rows:
+        return "auto"
+
+    def distance(row):
+        return sum(abs(math.log(max(a, 1) / max(b, 1))) for a, b in zip(row[0], size))
+
+    choice = min(rows, key=distance)[1]
+    return choice if backend_status(choice, device_type, op).available else "auto"
 
 
 class BackendStatus(NamedTuple):

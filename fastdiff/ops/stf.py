@@ -224,6 +224,8 @@ def _stf_target_run(impl, x, sigma, ref, precision):
 
 
 def _stf_target_kernel(x, sigma, ref, precision, backend):
+    if backend == "auto":            # at run time, also under torch.compile (nothing here is traced)
+        backend = _auto_backend(x, ref, precision)
     return _stf_target_run(_dispatch.resolve("stf_target", backend, x.device.type)[1], x, sigma, ref, precision)
 
 
@@ -273,6 +275,8 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
             t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
     else:
         x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
+        if backend == "auto":
+            backend = _auto_backend(x2, r2, precision)
         name, impl = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
         if _checking_values():
             # sigma, and x and ref unless the backend checks them, with one read-back
@@ -294,6 +298,11 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
     if t.dim() != x.dim():
         t = t.reshape(x.shape)
     return (t, lse) if return_lse else t
+
+
+def _auto_backend(x2: torch.Tensor, r2: torch.Tensor, precision: str) -> str:
+    """backend="auto" at this call's (B, N, D): the measured table's choice, or "auto"."""
+    return _dispatch.auto_by_size("stf_target", x2.device.type, precision, (x2.shape[0], r2.shape[0], x2.shape[1]))
 
 
 def _no_features(x2: torch.Tensor, r2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
