@@ -64,9 +64,23 @@ def test_unavailable_backend_by_name_says_why():
 
 # ---- backend="auto" by measured size (AUTO_BY_SIZE; empty until a GPU run fills it)
 
-def test_auto_by_size_is_empty_until_measured():
-    # No guessed entries: the table is filled from benchmarks/auto_table.py's output only.
-    assert _dispatch.AUTO_BY_SIZE == {}
+def test_auto_by_size_entries_are_well_formed():
+    # Filled from benchmarks/auto_table.py's output only (empty until a GPU run); each entry
+    # names a real op, device type, precision and backend, at a (B, N, D) size.
+    from fastdiff.ops import stf
+    for op, by_device in _dispatch.AUTO_BY_SIZE.items():
+        assert op in _dispatch.TABLE
+        for device_type, by_precision in by_device.items():
+            assert device_type in _dispatch.AUTO
+            for precision, rows in by_precision.items():
+                assert precision in stf.PRECISIONS
+                for size, backend in rows:
+                    assert len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)
+                    assert backend in _dispatch.TABLE[op]
+
+
+def test_auto_by_size_without_entries_keeps_the_auto_order(monkeypatch):
+    monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE", {})
     assert _dispatch.auto_by_size("stf_target", "cuda", "highest", (64, 1024, 3072)) == "auto"
 
 
