@@ -80,7 +80,11 @@ def auto_by_size(op: str, device_type: str, precision: str, size: tuple[int, ...
         return sum(abs(math.log(max(a, 1) / max(b, 1))) for a, b in zip(row[0], size))
 
     choice = min(rows, key=distance)[1]
-    return choice if backend_status(choice, device_type, op).available else "auto"
+    try:
+        resolve(op, choice, device_type)        # cached: a dict lookup per call once it has run
+    except RuntimeError:                        # measured elsewhere, unavailable here
+        return "auto"
+    return choice
 
 
 class BackendStatus(NamedTuple):
