@@ -102,13 +102,15 @@ def test_auto_by_size_skips_an_unavailable_choice(monkeypatch):
     assert _dispatch.auto_by_size("stf_target", "cpu", "highest", (64, 1024, 3072)) == "auto"
 
 
-def test_stf_target_auto_follows_the_measured_table(monkeypatch):
-    # The table's choice is the backend that runs (a spy stands in for the torch backend).
+@pytest.fixture
+def torch_backend_calls(monkeypatch):
+    """A spy in the torch backend's place in the dispatch table; returns the list of its calls
+    as (x's shape, precision)."""
     from fastdiff.ops import stf
     calls = []
 
     def spy(x, sigma, ref, precision, t_out, lse_out):
-        calls.append(precision)
+        calls.append((x.shape, precision))
         stf.stf_target_torch(x, sigma, ref, precision, t_out, lse_out)
 
     monkeypatch.setattr(stf, "_spy_backend", spy, raising=False)
@@ -116,11 +118,17 @@ def test_stf_target_auto_follows_the_measured_table(monkeypatch):
                                                         "torch": "fastdiff.ops.stf:_spy_backend"})
     monkeypatch.setattr(_dispatch, "_RESOLVED", {})
     _dispatch._load.cache_clear()                   # "module:function" -> function is cached
+    return calls
+
+
+def test_stf_target_auto_follows_the_measured_table(monkeypatch, torch_backend_calls):
+    # The table's choice is the backend that runs (a spy stands in for the torch backend).
+    calls = torch_backend_calls
     monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE",
                         {"stf_target": {"cpu": {"highest": [((3, 10, 12), "torch")]}}})
     x, ref = torch.randn(3, 12), torch.randn(10, 12)
     t = fastdiff.stf_target(x, 0.7, ref)
-    assert calls == ["highest"]
+    assert calls == [(torch.Size([3, 12]), "highest")]
     torch.testing.assert_close(t, fastdiff.stf_target(x, 0.7, ref, backend="torch"))
     assert len(calls) == 2
     monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE", {})          # back to the AUTO order: cpu first
@@ -128,20 +136,9 @@ def test_stf_target_auto_follows_the_measured_table(monkeypatch):
     assert len(calls) == 2 + (not _dispatch.backend_status("cpu", "cpu", "stf_target").available)
 
 
-def test_stf_target_auto_table_under_compile(monkeypatch):
+def test_stf_target_auto_table_under_compile(monkeypatch, torch_backend_calls):
     # Compiled code consults the table when the op runs, not while tracing (no graph break).
-    from fastdiff.ops import stf
-    calls = []
-
-    def spy(x, sigma, ref, precision, t_out, lse_out):
-        calls.append(x.shape)
-        stf.stf_target_torch(x, sigma, ref, precision, t_out, lse_out)
-
-    monkeypatch.setattr(stf, "_spy_backend", spy, raising=False)
-    monkeypatch.setitem(_dispatch.TABLE, "stf_target", {**_dispatch.TABLE["stf_target"],
-                                                        "torch": "fastdiff.ops.stf:_spy_backend"})
-    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
-    _dispatch._load.cache_clear()                   # "module:function" -> function is cached
+    calls = torch_backend_calls
     monkeypatch.setattr(_dispatch, "AUTO_BY_SIZE",
                         {"stf_target": {"cpu": {"highest": [((5, 9, 6), "torch")]}}})
     torch._dynamo.reset()
@@ -149,4 +146,4 @@ def test_stf_target_auto_table_under_compile(monkeypatch):
     x, ref = torch.randn(5, 6), torch.randn(9, 6)
     torch.testing.assert_close(fn(x, ref), 2 * fastdiff.stf_target(x, 0.5, ref, backend="cpu"
                                if _dispatch.backend_status("cpu", "cpu", "stf_target").available else "torch"))
-    assert torch.Size([5, 6]) in calls
+    assert (torch.Size([5, 6]), "highest") in calls
