@@ -300,6 +300,18 @@ def test_ddpmpp_preset_matches_edm_size():
     assert mlp(torch.randn(3, 5), torch.randn(3)).shape == (3, 5) and mlp.img_shape == (5,)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_gradients_keep_the_parameters_layout(preset):
+    """DDP's buckets copy gradients assuming each has its parameter's strides; one that does
+    not (a 1x1 conv fed a channels-last view) costs a warning and a slower copy every step."""
+    from fastdiff.nn import build_net
+    torch.manual_seed(0)
+    net = build_net("unet", preset, (1, 8, 8))
+    net(torch.randn(3, 1, 8, 8), torch.rand(3) + 0.5).square().sum().backward()
+    odd = [(n, p.stride(), p.grad.stride()) for n, p in net.named_parameters() if p.grad.stride() != p.stride()]
+    assert not odd, odd
+
+
 # ---------------------------------------------------------------------------- FID plumbing
 
 class _Features(torch.nn.Module):

@@ -94,7 +94,9 @@ class UNetBlock(nn.Module):
             B, C, H, W = x.shape
             q, k, v = self.qkv(self.norm2(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W).unbind(1)
             a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-            x = (x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W))) * math.sqrt(0.5)
+            # With one head the reshape is a channels-last view; contiguous() keeps proj's weight
+            # gradient in the weight's own layout (else DDP warns that grad strides mismatch).
+            x = (x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W).contiguous())) * math.sqrt(0.5)
         return x
 
 
