@@ -27,7 +27,7 @@ TINY = ["--preset", "tiny", "--batch", "16", "--ref-size", "64", "--fid-every", 
 
 
 def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # stacks on abort
     env.pop("FASTDIFF_FAULT", None)
     env.update(extra)
     return env
