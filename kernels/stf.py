@@ -64,6 +64,17 @@ which ignores input_precision):
 Without re-evaluation the expansion's error is amplified by 1/sigma^2: the
 faster modes are for large sigma only (see PRECISION_BOUNDS).
 
+Tensor-core sums. Tensor cores truncate (round toward zero) in their fp32
+accumulation (Fasi et al. 2021): chained over all of D that one-sided error
+outgrows gemm_gamma, a bound for round-to-nearest sums, which the flags rely on.
+Triton (3.6 and 3.8) lowers a tf32x3 tl.dot(a, b, acc) as three products summed
+from zero on the tensor cores plus one ordinary fp32 add of acc, so each k-tile
+is summed apart, as csrc/cuda/stf.cu does by hand; tests/test_triton_aot.py
+checks the compiled loop. The "tf32" and "bf16" modes chain acc through the
+tensor cores: up to ~(D/8) 2^-23 relative at D = 3072, comparable to their
+operands' rounding and not in the CPU-emulated PRECISION_BOUNDS; the GPU run
+checks those bounds.
+
 Nothing here has run on a GPU yet: the configs, the split heuristic and
 every speed claim are unmeasured (see the issue's GPU checklist).
 """

@@ -73,8 +73,7 @@ _AOT = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(_AOT))
-def test_kernel_compiles_for_sm90(name):
+def _compile(name):
     triton = pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("this process runs Triton's interpreter")
@@ -91,8 +90,34 @@ def test_kernel_compiles_for_sm90(name):
     missing = set(fn.arg_names) - set(sig) - set(const)
     assert not missing, f"{kernel}: no signature for {sorted(missing)}"
     signature = {a: ("constexpr" if a in const else sig[a]) for a in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const),
-                              target=GPUTarget("cuda", 90, 32), options=opts)
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const),
+                          target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+@pytest.mark.parametrize("name", sorted(_AOT))
+def test_kernel_compiles_for_sm90(name):
+    compiled = _compile(name)
     assert compiled.asm.get("cubin")
     if "tf32x3" in name:
         assert "wgmma" in compiled.asm["ptx"] or "mma.sync" in compiled.asm["ptx"], "tf32x3 dot not on tensor cores"
+
+
+@pytest.mark.parametrize("name", ["stf_logits_tf32x3", "stf_pv_tf32x3"])
+def test_tf32x3_k_tiles_summed_apart_then_added_round_to_nearest(name):
+    """Tensor cores truncate in their fp32 accumulation (Fasi et al. 2021): chained over all of
+    D, a one-sided error past gemm_gamma, the round-to-nearest bound the flags rely on.
+    Triton's tf32x3 lowering sums each k-tile's three products from zero and adds the running
+    accumulator with an ordinary fp32 add (what csrc/cuda/stf.cu does by hand); a Triton that
+    folds the accumulator into the products would fail here."""
+    import re
+    ir = _compile(name).asm["ttgir"]
+    loop = re.search(r"scf\.for [^\n]*iter_args\((%[\w#]+) = ", ir)
+    assert loop, "no k loop with a loop-carried accumulator"
+    acc = loop.group(1)
+    body = ir[loop.end():]
+    body = body[:body.index("scf.yield")]
+    dots = [ln for ln in body.splitlines() if re.search(r"(warp_group_dot|tt\.dot) ", ln)]
+    assert len(dots) == 3, dots                                   # hi*hi, hi*lo, lo*hi
+    assert not [d for d in dots if re.search(rf"{re.escape(acc)}\b", d)], "a dot accumulates into the k loop's sum"
+    adds = [ln for ln in body.splitlines() if "arith.addf" in ln and re.search(rf"{re.escape(acc)}\b", ln)]
+    assert len(adds) == 1, adds
