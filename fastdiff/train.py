@@ -488,8 +488,11 @@ def training_loop(cfg: dict, explicit: set) -> str:
         return path
 
     def evaluate(final: bool):
+        fid_due = dataset.is_image and ((final and cfg["fid_every"] == 0) or (cfg["fid_every"] > 0 and (
+            step % cfg["fid_every"] == 0 or final)))
+        fid = compute_fid() if fid_due else None        # every rank draws its share of the samples
         if rank != 0:
-            return
+            return None
         samples = torch.cat(list(generate(obj, ema, shape, 64 if dataset.is_image else 2048, seed=cfg["seed"],
                                           steps=cfg["sample_steps"],
                                           device=device)))
@@ -497,10 +500,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
         grid = os.path.join(run_dir, f"samples-{step:07d}.png")
         save_grid(samples, grid)
         record = {"step": step, "samples": grid}
-        if (final and cfg["fid_every"] == 0) or (cfg["fid_every"] > 0 and step % cfg["fid_every"] == 0) or \
-                (final and cfg["fid_every"] > 0):
-            if dataset.is_image:
-                record[f"fid_{'proxy' if cfg['fid_ref'] == 'proxy' else 'clean'}"] = compute_fid()
+        if fid is not None:
+            record[f"fid_{'proxy' if cfg['fid_ref'] == 'proxy' else 'clean'}"] = fid
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
@@ -508,9 +509,16 @@ def training_loop(cfg: dict, explicit: set) -> str:
     proxy = {}
 
     def compute_fid():
+        """FID of cfg["fid_samples"] EMA samples (on rank 0; None on the others). Under torchrun
+        each rank draws an equal share, rank r with seed + 1 + r, and rank 0 gathers them."""
         from fastdiff import eval as fd_eval
-        samples = torch.cat(list(generate(obj, ema, shape, cfg["fid_samples"], seed=cfg["seed"] + 1,
-                                          steps=cfg["sample_steps"], device=device)))
+        counts = [cfg["fid_samples"] // world + (r < cfg["fid_samples"] % world) for r in range(world)]
+        samples = torch.cat([torch.empty(0, *shape), *generate(obj, ema, shape, counts[rank], seed=cfg["seed"] + 1
+                                                                + rank, steps=cfg["sample_steps"], device=device)])
+        if world > 1:
+            samples = _gather_rows(samples, counts, device)
+        if rank != 0:
+            return None
         if cfg["fid_ref"] != "proxy":
             return fd_eval.fid(samples, cfg["fid_ref"])
         if "net" not in proxy:
@@ -594,6 +602,19 @@ def training_loop(cfg: dict, explicit: set) -> str:
         # process group down under another's feet; main() then destroys it.
         torch.distributed.barrier()
     return run_dir
+
+
+def _gather_rows(rows: torch.Tensor, counts: list, device) -> torch.Tensor | None:
+    """Rank 0 gets every rank's rows in rank order (counts[r] of them from rank r), on the CPU;
+    the other ranks get None. Sent padded to max(counts) through `device` (gloo: CPU, nccl: CUDA)."""
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if len(rows) != counts[rank]:
+        raise ValueError(f"rank {rank} has {len(rows)} rows, counts say {counts[rank]}")
+    pad = torch.zeros(max(counts), *rows.shape[1:], dtype=rows.dtype, device=device)
+    pad[:len(rows)] = rows
+    parts = [torch.empty_like(pad) for _ in range(world)] if rank == 0 else None
+    torch.distributed.gather(pad, parts, dst=0)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu() if rank == 0 else None
 
 
 def _close_process_group() -> None:

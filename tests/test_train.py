@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -106,7 +107,8 @@ def test_kill9_resume_is_bit_exact(tmp_path, objective):
 def test_ddp_two_processes_stay_in_sync(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "fastdiff.train", *TINY, "--steps", "4", "--ckpt-every", "2", "--out", "runs",
-                        "--name", "ddp"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+                        "--name", "ddp", "--fid-every", "4", "--fid-samples", "41"],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -117,6 +119,20 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     # the ranks drew different noise and different reference rows
     assert not torch.equal(state["rank_states"][0]["torch"], state["rank_states"][1]["torch"])
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    # The FID samples: 21 drawn by rank 0 (seed + 1), 20 by rank 1 (seed + 2), gathered on rank 0.
+    from fastdiff import eval as fd_eval
+    from fastdiff.train import generate, load_for_sampling
+    fids = [x["fid_proxy"] for x in lines if "fid_proxy" in x]
+    assert len(fids) == 1 and math.isfinite(fids[0]), lines
+    cfg, ema, obj = load_for_sampling(str(run / "checkpoint-0000004.pt"), torch.device("cpu"))
+    shape = tuple(state["data"]["shape"])
+    samples = torch.cat([*generate(obj, ema, shape, 21, seed=cfg["seed"] + 1, steps=2, device=torch.device("cpu")),
+                         *generate(obj, ema, shape, 20, seed=cfg["seed"] + 2, steps=2, device=torch.device("cpu"))])
+    data = load_dataset(cfg["data"], cfg["resolution"], cfg["xflip"])
+    real = data.get(torch.arange(len(data)))
+    proxy = fd_eval.train_proxy(real, fd_eval.digits_labels(), steps=200, seed=cfg["seed"])
+    assert fd_eval.fid(samples, real, proxy) == pytest.approx(fids[0], rel=1e-3)
+    assert fd_eval.fid(samples[:21], real, proxy) != pytest.approx(fids[0], rel=1e-3)   # both shares count
 
 
 # ---------------------------------------------------------------------------- bad input
