@@ -396,7 +396,7 @@ def _combine_kernel(M, L, ACC32, ACC64, XN, INV2S2, T, LSE, B, D, S,
     if pid_d == 0:
         offset = tl.load(XN + b) * tl.load(INV2S2 + b)
         lse = tl.where(ltot > 0.0, mmax + tl.log(tl.where(ltot > 0.0, ltot, 1.0)) - offset, NEG)
-        tl.store(LSE + b, lse.to(tl.float32))
+        tl.store(LSE + b, lse)
 
 
 # ----------------------------------------------------------------------------

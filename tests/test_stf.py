@@ -72,8 +72,9 @@ def assert_contract(t: torch.Tensor, x: torch.Tensor, sigma, ref: torch.Tensor) 
 
 def assert_lse(lse: torch.Tensor, x, sigma, ref) -> None:
     _, lse64 = oracle(x, sigma, ref)
-    assert lse.dtype == torch.float32 and lse.shape == lse64.shape
-    # float32 output: its own rounding (~6e-8 relative) plus a little.
+    assert lse.dtype == torch.float64 and lse.shape == lse64.shape
+    # The unflagged entries' GEMM error (what the flags bound, relative to sigma sqrt(D)) and
+    # the float64 sums: well inside float32's own rounding (~6e-8 relative), the old output's.
     torch.testing.assert_close(lse.double(), lse64, rtol=1e-6, atol=1e-5)
 
 
@@ -165,7 +166,7 @@ def test_no_features(backend):
     x, ref = torch.rand(3, 0, 4), torch.rand(5, 0, 4)
     t, lse = run(backend, x, 0.5, ref)
     assert t.shape == x.shape
-    torch.testing.assert_close(lse, torch.full((3,), math.log(5.0)))
+    torch.testing.assert_close(lse, torch.full((3,), math.log(5.0), dtype=torch.float64))
 
 
 def test_image_shaped_input(backend):
@@ -211,7 +212,7 @@ def test_poisoned_outputs(backend, sigma):
     x, s, ref = near_duplicate_case(7, 123, 47, sigma)
     _, impl = _dispatch.resolve("stf_target", backend, "cpu")
     t = torch.full_like(x, float("nan"))
-    lse = torch.full((7,), float("nan"))
+    lse = torch.full((7,), float("nan"), dtype=torch.float64)
     impl(x, s, ref, "highest", t, lse)
     assert torch.isfinite(t).all() and torch.isfinite(lse).all()
     assert_contract(t, x, s, ref)

@@ -62,7 +62,7 @@ def _run_poisoned(backend, x, sigma, ref, precision="highest"):
     x2, ref2 = x.reshape(x.shape[0], -1).contiguous(), ref.reshape(ref.shape[0], -1).contiguous()
     s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]).contiguous()
     t = torch.full_like(x2, float("nan"))
-    lse = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    lse = torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
     impl(x2, s, ref2, precision, t, lse)
     torch.cuda.synchronize()
     assert torch.isfinite(t).all() and torch.isfinite(lse).all(), "NaN/Inf left in the poisoned outputs"
@@ -189,7 +189,7 @@ def _splits_call(backend, x, s, ref, splits, chunk):
     """The Triton backend with its split count and chunk width forced (poisoned outputs)."""
     from fastdiff.kernels.stf import stf_target_splits
     t = torch.full_like(x, float("nan"))
-    lse = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    lse = torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
     stf_target_splits(x, s, ref, "highest", t, lse, splits=splits, chunk=chunk)
     torch.cuda.synchronize()
     assert torch.isfinite(t).all() and torch.isfinite(lse).all(), "NaN/Inf left in the poisoned outputs"
@@ -302,7 +302,7 @@ def test_runs_on_the_current_stream(backend):
         torch.cuda._sleep(200_000_000)          # ~0.1 s of GPU time before ref_late is written
         ref_late.copy_(ref)
         t = torch.full_like(x, float("nan"))
-        lse = torch.full((B,), float("nan"), dtype=torch.float32, device=x.device)
+        lse = torch.full((B,), float("nan"), dtype=torch.float64, device=x.device)
         impl(x, s, ref_late, "highest", t, lse)
     side.synchronize()
     assert torch.isfinite(t).all() and torch.isfinite(lse).all()
@@ -320,7 +320,7 @@ def test_tensors_on_a_second_device(backend):
     x, s, ref = x.to("cuda:1"), s.to("cuda:1"), ref.to("cuda:1")
     with torch.cuda.device(0):
         t = torch.full_like(x, float("nan"))
-        lse = torch.full((7,), float("nan"), dtype=torch.float32, device=x.device)
+        lse = torch.full((7,), float("nan"), dtype=torch.float64, device=x.device)
         impl(x, s, ref, "highest", t, lse)
         torch.cuda.synchronize(1)
     assert t.device == x.device and torch.isfinite(t).all() and torch.isfinite(lse).all()

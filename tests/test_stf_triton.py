@@ -60,7 +60,7 @@ def _run_case(name, x, sigma, ref, precision="highest", splits=None, chunk=None)
     from fastdiff.kernels import stf as K
     B, D = x.shape
     t = torch.full_like(x, float("nan"))
-    lse = torch.full((B,), float("nan"))
+    lse = torch.full((B,), float("nan"), dtype=torch.float64)
     K.stf_target_splits(x, sigma, ref, precision, t, lse, splits=splits, chunk=chunk)
     t64, lse64 = _oracle(x, sigma, ref)
     return name, {
@@ -125,7 +125,7 @@ def _worker() -> dict:
         "finite": bool(torch.isfinite(t).all() and torch.isfinite(lse).all()),
         "err": _err(t.reshape(5, -1), t64, sig.reshape(5), 30),
         "lse_rel": ((lse.double() - lse64).abs() / lse64.abs().clamp_min(1.0)).max().item(),
-        "shape_ok": t.shape == x.shape and t.dtype == x.dtype and lse.shape == (5,) and lse.dtype == torch.float32,
+        "shape_ok": t.shape == x.shape and t.dtype == x.dtype and lse.shape == (5,) and lse.dtype == torch.float64,
     }
     t = fastdiff.stf_target(x.double(), sig, ref.double(), backend="triton")
     out["api_fp64"] = {"finite": bool(torch.isfinite(t).all()), "dtype_ok": t.dtype == torch.float64,
@@ -152,7 +152,7 @@ def _worker() -> dict:
     xn = torch.tensor([1.0, 2.0], dtype=torch.float64)
     inv2s2 = torch.tensor([0.5, 0.25], dtype=torch.float64)
     t = torch.full((B, D), float("nan"))
-    lse = torch.full((B,), float("nan"))
+    lse = torch.full((B,), float("nan"), dtype=torch.float64)
     K.combine(m, l, acc32, acc64, xn, inv2s2, t, lse)
     w = torch.exp(m[1:, 0] - 2.0)
     want = (w[:, None] * (acc32[1:, 0].double() + acc64[1:, 0])).sum(0) / (w * l[1:, 0]).sum()

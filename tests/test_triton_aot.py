@@ -34,7 +34,7 @@ _AOT = {
                            span=_I32, j0=_I32),
                       dict(PREC="tf32x3", BF16=False, BM=128, BD=128, BK=32), dict(num_warps=8, num_stages=3)),
     "stf_combine": ("stf", "_combine_kernel",
-                    dict(M=_F64, L=_F64, ACC32=_F32, ACC64=_F64, XN=_F64, INV2S2=_F64, T=_BF16, LSE=_F32, B=_I32,
+                    dict(M=_F64, L=_F64, ACC32=_F32, ACC64=_F64, XN=_F64, INV2S2=_F64, T=_BF16, LSE=_F64, B=_I32,
                          D=_I32, S=_I32),
                     dict(HAS64=True, BS=4, BD=256), dict()),
     # --- weighted_mse (kernels/weighted_mse.py): bf16 pred with an fp32 target, fp32, fp64, 64-bit offsets

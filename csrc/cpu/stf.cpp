@@ -135,8 +135,8 @@ void check_args(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& 
               "stf_target: sigma must be (B,) float32");
   TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.is_contiguous(),
               "stf_target: t must be a contiguous (B, D) tensor of x's dtype");
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0) && lse.scalar_type() == at::kFloat &&
-              lse.is_contiguous(), "stf_target: lse must be a contiguous (B,) float32 tensor");
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0) && lse.scalar_type() == at::kDouble &&
+              lse.is_contiguous(), "stf_target: lse must be a contiguous (B,) float64 tensor");
   TORCH_CHECK(chunk >= 1, "stf_target: chunk must be positive");
   for (const at::Tensor* p : {&x, &sigma, &ref, &t, &lse})
     TORCH_CHECK(p->device().is_cpu(), "stf_target (cpu): all tensors must be on the CPU");
@@ -440,7 +440,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
       acc.addmm_(P, rcf);
   }
 
-  float* LSE = lse.data_ptr<float>();
+  double* LSE = lse.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "stf_target_out", [&] {
     scalar_t* T = t.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
@@ -454,7 +454,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
             ti[d] = static_cast<scalar_t>((a64[d] + static_cast<double>(ai[d])) * inv);
         else
           for (int64_t d = 0; d < D; ++d) ti[d] = static_cast<scalar_t>(static_cast<double>(ai[d]) * inv);
-        LSE[i] = static_cast<float>(m[i] + std::log(ssum[i]));
+        LSE[i] = m[i] + std::log(ssum[i]);
       }
     });
   });

@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(StfArgs a, int
     t[static_cast<long long>(b) * D + d] = static_cast<TO>(ltot > 0.0 ? num / ltot : 0.0);
   }
   if (blockIdx.y == 0 && threadIdx.x == 0)
-    a.lse[b] = ltot > 0.0 ? static_cast<float>(mmax + log(ltot) - a.xn[b] * a.inv2s2[b]) : -INFINITY;
+    a.lse[b] = ltot > 0.0 ? mmax + log(ltot) - a.xn[b] * a.inv2s2[b] : -INFINITY;
 }
 
 template <int kMode, typename T>

@@ -39,7 +39,7 @@ struct StfArgs {
   // outputs
   void* t;             // (B, D) float or double (t_is_double)
   bool t_is_double;
-  float* lse;          // (B,)
+  double* lse;         // (B,)
 };
 
 // Launches everything on `stream`. Returns the first launch error (cudaSuccess if none).

@@ -26,8 +26,8 @@ void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   TORCH_CHECK(sigma.dim() == 1 && sigma.size(0) == x.size(0) && sigma.scalar_type() == at::kFloat,
               "stf_target: sigma must be (B,) float32");
   TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), "stf_target: t must be like x");
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0) && lse.scalar_type() == at::kFloat,
-              "stf_target: lse must be (B,) float32");
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0) && lse.scalar_type() == at::kDouble,
+              "stf_target: lse must be (B,) float64");
   TORCH_CHECK(x.is_cuda() && ref.device() == x.device() && sigma.device() == x.device() &&
                   t.device() == x.device() && lse.device() == x.device(),
               "stf_target: all tensors must be on one CUDA device");
@@ -110,7 +110,7 @@ void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   a.acc64 = exact ? acc64.data_ptr<double>() : nullptr;
   a.t = t_work.data_ptr();
   a.t_is_double = t_work.scalar_type() == at::kDouble;
-  a.lse = lse.data_ptr<float>();
+  a.lse = lse.data_ptr<double>();
   const cudaError_t err = fastdiff_cuda::stf_run(a, stream);
   TORCH_CHECK(err == cudaSuccess, "stf_target: CUDA launch failed: ", cudaGetErrorString(err));
   if (!t_direct) t.copy_(t_work);

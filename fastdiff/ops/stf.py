@@ -13,8 +13,11 @@ torch.library registration and the plain-PyTorch backend. The other backends
     impl(x, sigma, ref, precision, t_out, lse_out) -> None
 
 with x (B, D) and ref (N, D) contiguous in any float dtype, sigma (B,) float32,
-t_out (B, D) in x's dtype and lse_out (B,) float32, all on one device; the
-impl writes every element of t_out and lse_out.
+t_out (B, D) in x's dtype and lse_out (B,) float64, all on one device; the
+impl writes every element of t_out and lse_out. lse is float64 because the
+backends hold m + log s in float64 and |lse| is ~D/2 and more: rounded to
+float32 it would err by ~1e-4 absolute, too coarse to combine partial targets
+by their log-sum-exps (fastdiff.distributed).
 
 Exactness ("highest"). The logits come from a GEMM through the expansion
 ||x||^2 - 2 x.r + ||r||^2, whose fp32 rounding error is amplified by
@@ -218,7 +221,7 @@ def _check_mode(precision: str, backend: str) -> None:
 
 def _stf_target_run(impl, x, sigma, ref, precision):
     t = torch.empty_like(x)
-    lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    lse = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     impl(x, sigma, ref, precision, t, lse)
     return t, lse
 
@@ -230,7 +233,7 @@ def _stf_target_kernel(x, sigma, ref, precision, backend):
 
 
 def _stf_target_fake(x, sigma, ref, precision, backend):
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float64)
 
 
 _stf_target_op = _library.define(
@@ -256,7 +259,7 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
             "triton" or "cuda". A named backend that cannot run raises
             RuntimeError with the reason.
         return_lse: also return lse_i = logsumexp_k(-||x_i - ref_k||^2 /
-            (2 sigma_i^2)) in float32.
+            (2 sigma_i^2)) in float64.
 
     Returns:
         t with x's shape and dtype (accumulated in float32), or (t, lse).
@@ -268,7 +271,7 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
     if torch.compiler.is_compiling():
         x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
         if x2.shape[0] == 0:
-            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
+            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float64)
         elif x2.shape[1] == 0:
             t, lse = _no_features(x2, r2)
         else:
@@ -283,7 +286,7 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
             _check_values(s if isinstance(sigma, torch.Tensor) else None,
                           (("x", x2), ("ref", r2)) if x2.shape[0] == 0 or name not in _CHECKS_DATA else ())
         if x2.shape[0] == 0:
-            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float32)
+            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float64)
         elif x2.shape[1] == 0:
             t, lse = _no_features(x2, r2)
         else:
@@ -308,7 +311,7 @@ def _auto_backend(x2: torch.Tensor, r2: torch.Tensor, precision: str) -> str:
 def _no_features(x2: torch.Tensor, r2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x of shape (B, 0, ...): every logit is 0, so lse = log N and t is empty; the backends'
     kernels assume D >= 1 (a CUDA grid of width 0 does not launch)."""
-    lse = torch.full((x2.shape[0],), math.log(r2.shape[0]), dtype=torch.float32, device=x2.device)
+    lse = torch.full((x2.shape[0],), math.log(r2.shape[0]), dtype=torch.float64, device=x2.device)
     return torch.empty_like(x2), lse
 
 
