@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdiff
-from fastdiff.distributed import _STATS, stf_target_sharded
+from fastdiff.distributed import stf_target_sharded
 
 
 def gather_target(x, sigma, ref_shard):
@@ -70,14 +70,12 @@ def _worker(rank, world, init, args, out):
                  "shard op": lambda *_: fastdiff.stf_target(x_all, s_all, shard, return_lse=True)}
         for name in peers:
             times[N, name] = []
-        before = dict(_STATS)
         for _ in range(args.rounds):
             for name, fn in peers.items():
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn(x, sigma, shard)
                 times[N, name].append(time.perf_counter() - t0)
-        times[N, "refined"] = (_STATS["refined"] - before["refined"]) / max(1, _STATS["rows"] - before["rows"])
         times[N, "diff"] = float(diff)
     every = [None] * world
     dist.all_gather_object(every, times)
@@ -123,25 +121,23 @@ def main(argv=None):
                       else "rows uniform in [-1, 1]^D"))
     print(f"B = {B} queries per rank, D = {D}, sigma ~ EDM's lognormal; time per call = the slowest rank's, "
           f"median over {args.rounds} rounds; paired = median over rounds of shard / gather")
-    print("MB received per rank and step: gather (W-1) (N/W) D 4 bytes; shard (W-1) B (2 D + 1 + W) 4 bytes "
-          "(x, sigma and lse all-gathered, the (B, D) offsets reduce-scattered)")
+    print("MB received per rank and step: gather (W-1) (N/W) D 4 bytes; shard (W-1) B (2 D + 1) 4 + (W-1) W B 8 bytes "
+          "(x and sigma all-gathered, the (B, D) offsets reduce-scattered, the float64 lse all-gathered)")
     print("gather op / shard op: the local fastdiff.stf_target call alone (B x N, and W B x N/W), no collectives")
-    print("max diff: max_i ||t_gather - t_shard|| / (sigma_i sqrt(D)); refined: share of the W B rows whose "
-          "partial lse the shard path recomputed in float64")
+    print("max diff: max_i ||t_gather - t_shard|| / (sigma_i sqrt(D))")
     print()
     print(f"{'N total':>8} {'N/rank':>7} {'gather ms':>10} {'shard ms':>9} {'paired':>7} {'gather op':>10} "
-          f"{'shard op':>9} {'gather MB':>10} {'shard MB':>9} {'max diff':>9} {'refined':>8}")
+          f"{'shard op':>9} {'gather MB':>10} {'shard MB':>9} {'max diff':>9}")
     for N in args.sizes:
         slowest = {name: [max(every[r][N, name][i] for r in range(W)) for i in range(args.rounds)]
                    for name in (*PEERS, "gather op", "shard op")}
         med = {name: statistics.median(v) * 1e3 for name, v in slowest.items()}
         paired = statistics.median(s / g for s, g in zip(slowest["shard"], slowest["gather"]))
         gather_mb = (W - 1) * (N // W) * D * 4 / 1e6
-        shard_mb = (W - 1) * B * (2 * D + 1 + W) * 4 / 1e6
+        shard_mb = (W - 1) * B * ((2 * D + 1) * 4 + W * 8) / 1e6
         diff = max(every[r][N, "diff"] for r in range(W))
         print(f"{N:>8} {N // W:>7} {med['gather']:>10.2f} {med['shard']:>9.2f} {paired:>7.2f} "
-              f"{med['gather op']:>10.2f} {med['shard op']:>9.2f} {gather_mb:>10.2f} {shard_mb:>9.2f} {diff:>9.1e} "
-              f"{every[0][N, 'refined']:>7.0%}")
+              f"{med['gather op']:>10.2f} {med['shard op']:>9.2f} {gather_mb:>10.2f} {shard_mb:>9.2f} {diff:>9.1e}")
 
 
 if __name__ == "__main__":
