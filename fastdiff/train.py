@@ -13,31 +13,26 @@ grows with the number of GPUs (8 x 512 = 4096 above, the paper's size), every
 row's own clean sample is in it, and the target stays exact. --ref-dist says
 how the ranks share it:
 
-  gather (default)  each rank all-gathers the clean rows, (W-1) ref_size D
-                    values per rank and step, before the step: two all-gathers
-                    (batch, draws), independent of the model, no host sync.
-  shard             each rank keeps its rows; the objective calls
+  shard (default)   each rank keeps its rows; the objective calls
                     fastdiff.distributed.stf_target_sharded, which gathers the
                     W*B queries instead, computes partial targets against the
-                    local rows and combines them by their log-sum-exps
-                    (~2 (W-1) B D values per rank), with 3-4 collectives and a
-                    host sync inside the step, plus a float64 pass for the
-                    rows whose float32 partial lse is too coarse for the 1e-4
-                    contract.
+                    local rows and combines them by their float64 log-sum-exps
+                    (~2 (W-1) B D values per rank): three collectives inside
+                    the step (four with the value checks, which also read back
+                    to the host; they are off under torch.compile).
+  gather            each rank all-gathers the clean rows, (W-1) ref_size D
+                    values per rank and step, before the step: two all-gathers
+                    (batch, draws), independent of the model.
 
 Measured on 2 CPU processes over gloo, B = 16, D = 3072, N/rank = 256..2048
 (benchmarks/results/distributed-cpu-gloo.txt; NCCL across GPUs could not be
-measured here), shard / gather time: 0.23-0.64 where no row needed the
-float64 pass, moving 0.39 MB instead of 3-25 MB per rank; but on clustered rows
-(6-9% of rows refined) 1.3-2.3 at N/rank <= 512, the CIFAR-10 setting above,
-0.85-0.93 at 1024 and 0.53-0.59 at 2048. So gather stays the default; prefer
-shard for a large --ref-size per rank or a slow interconnect (several nodes),
-where moving the rows dominates.
+measured here), shard / gather time: 0.80-0.94 at N/rank = 256, 0.53-0.82 at
+512, 0.41-0.57 at 1024 and 0.22-0.30 at 2048, on uniform and on clustered rows
+alike, moving 0.39 MB instead of 3-25 MB per rank. So shard is the default.
 
 The step (network, objective, fused ops, under bf16 autocast when asked) is one
 torch.compile'd function; losses stay on the device and are read every
---log-every steps, so a step makes no host synchronization (under --ref-dist
-shard the sharded target makes one, to pick the rows it refines).
+--log-every steps, so a step makes no host synchronization.
 Under torchrun the step is compiled without fullgraph, so --ref-dist shard's
 collectives inside it work with --compile (checked on CPU with gloo).
 """
@@ -91,11 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="stf", choices=["stf", "dsm"], help="Stable Target Field or plain DSM")
     g.add_argument("--ref-size", type=int, default=1024,
                    help="STF reference batch per process: the mini-batch plus ref_size - batch uniform draws")
-    g.add_argument("--ref-dist", default="gather", choices=["gather", "shard"],
-                   help="under torchrun: all-gather every rank's reference rows (gather), or keep them where they "
-                        "are and combine per-rank partial targets by their log-sum-exps (shard); the same target. "
-                        "gather measured faster at ref-size <= 512 per rank, shard at >= 2048 (see the module "
-                        "docstring)")
+    g.add_argument("--ref-dist", default="shard", choices=["shard", "gather"],
+                   help="under torchrun: keep every rank's reference rows where they are and combine per-rank "
+                        "partial targets by their log-sum-exps (shard), or all-gather the rows (gather); the same "
+                        "target. shard measured 0.2-0.9x gather's time (see the module docstring)")
     g.add_argument("--process", default="edm", help="ve | vp | vp_cosine | edm")
     g.add_argument("--param", default="edm", help="network parameterization: edm | eps | x0 | v | score")
     g.add_argument("--weighting", default="edm", help="loss weighting w(lambda), see fastdiff.diffusion")
