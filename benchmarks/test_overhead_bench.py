@@ -70,7 +70,7 @@ def test_overhead_stf_target(benchmark, peer):
         fn = lambda: op(x, sigma, ref, "highest", "auto")  # noqa: E731
     elif peer == "floor":
         _, impl = _dispatch.resolve("stf_target", "auto", "cpu")
-        t, lse = torch.empty_like(x), torch.empty(2)
+        t, lse = torch.empty_like(x), torch.empty(2, dtype=torch.float64)
         fn = lambda: impl(x, sigma, ref, "highest", t, lse)  # noqa: E731
     else:
         def fn():

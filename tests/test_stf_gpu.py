@@ -278,7 +278,7 @@ def test_offset_pointers(backend):
         return v
 
     xo, so, ro = at_offset(x, 1), at_offset(s, 3), at_offset(ref, 5)
-    t, lse = at_offset(x, 3, float("nan")), at_offset(s, 1, float("nan"))
+    t, lse = at_offset(x, 3, float("nan")), at_offset(s.double(), 1, float("nan"))
     impl(xo, so, ro, "highest", t, lse)
     torch.cuda.synchronize()
     assert torch.isfinite(t).all() and torch.isfinite(lse).all()
