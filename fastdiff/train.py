@@ -615,11 +615,9 @@ def _close_process_group() -> None:
     """Destroy the process group (after training_loop's frame, holding DDP, is gone).
 
     On success every rank arrives here straight from the barrier at the end of the loop, so
-    the destruction is collective, as torch.distributed asks. Once in CI (torch 2.14.1, gloo)
-    a rank that destroyed its group while rank 0 was still sampling aborted at exit with
-    "terminate called without an active exception"; it did not recur in 30 runs here, so the
-    barrier is a precaution whose effect is not measured. The collect frees any cycle still
-    holding DDP's reducer, so the group goes while the interpreter is whole.
+    the destruction is collective, as torch.distributed asks. What it cannot do is free the
+    group once DDP has been built (its gloo threads still run at exit, torch 2.14): see
+    _exit_worker for the abort that caused.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gc.collect()
@@ -641,5 +639,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit_worker(code: int) -> None:
+    """Ends a torchrun worker without the interpreter's C++ teardown.
+
+    Once DDP has been built the process group outlives destroy_process_group()
+    (torch 2.14: gloo's worker threads still run at exit), and now and then a rank
+    aborted in that teardown, with no Python frame left ("terminate called without
+    an active exception"), turning a finished run into a failed one. The Python
+    exit handlers still run (torch.compile's worker pools, logging), then the
+    streams are flushed and the process exits with its code.
+    """
+    import atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_worker(code)
+    sys.exit(code)

@@ -136,6 +136,16 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     assert fd_eval.fid(samples[:21], real, proxy) != pytest.approx(fids[0], rel=1e-3)   # both shares count
 
 
+def test_torchrun_worker_exit_code_is_kept(tmp_path):
+    """A torchrun worker leaves through os._exit (fastdiff.train._exit_worker) with main()'s code:
+    a bad argument still fails the run, with its message."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "fastdiff.train", *TINY, "--data", "/nonexistent/dir"],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "fastdiff.train: error: " in r.stderr and "exitcode  : 2" in r.stderr, r.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("args, message", [
