@@ -69,7 +69,8 @@ def _bench(benchmark, *, device, preset, shape, batch, objective, ref_size, comp
     name = "dsm" if objective == "dsm" else f"stf-{ref_size}" + ("-published" if published else "")
     benchmark.group = f"train step {preset} {shape[-1]}x{shape[-1]} b{batch} {precision}"
     benchmark.extra_info["peer"] = f"{name} {'compiled' if compile else 'eager'}"
-    benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.mean
+    if benchmark.stats:                         # None under --benchmark-disable (a smoke run)
+        benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.mean
 
 
 CUDA_CASES = [(o, r) for o, r in (("dsm", 1), ("stf", 1024), ("stf", 4096))]
