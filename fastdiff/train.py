@@ -33,8 +33,9 @@ alike, moving 0.39 MB instead of 3-25 MB per rank. So shard is the default.
 The step (network, objective, fused ops, under bf16 autocast when asked) is one
 torch.compile'd function; losses stay on the device and are read every
 --log-every steps, so a step makes no host synchronization.
-Under torchrun the step is compiled without fullgraph, so --ref-dist shard's
-collectives inside it work with --compile (checked on CPU with gloo).
+Under torchrun the step is compiled without fullgraph: DDP's forward breaks the
+graph (torch marks it not traceable); --ref-dist shard's collectives and the
+STF op trace without a break (TORCH_LOGS=graph_breaks, 2 gloo processes on CPU).
 """
 from __future__ import annotations
 
