@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 import fastdiff
 from fastdiff.distributed import stf_target_sharded, world_size
-from fastdiff.train import main
+from fastdiff.train import _exit_worker, main
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_stf import CONTRACT, assert_contract, oracle, row_err  # noqa: E402
@@ -110,7 +110,7 @@ def _worker(rank: int, init: str, out: str, port: int, task: str):
         code = main([*TINY, "--steps", "3", "--ckpt-every", "3", "--out", os.path.join(out, "runs"),
                      "--name", task, "--ref-dist", task, "--threads", "1"])
         assert code == 0, code
-        return
+        _exit_worker(0)          # as under torchrun: skip the C++ teardown of the group DDP keeps alive
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     results = {}
     for name in CASES:
