@@ -5,9 +5,22 @@
 import os
 import sys
 
+import pytest
+import torch
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 import report  # noqa: E402  (benchmarks/report.py)
+
+
+@pytest.fixture
+def one_thread():
+    """CPU peers run single-threaded: at small sizes intra-op threads on a shared machine add
+    millisecond-scale synchronization noise that swamps the call being timed."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

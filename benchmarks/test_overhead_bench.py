@@ -40,12 +40,7 @@ ROUNDS, ITERS = 60, 100
 PEERS = ["public", "custom op", "floor", "eager"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(benchmark, group: str, peer: str, fn) -> None:

@@ -28,14 +28,7 @@ CPU_SHAPES = [(16, 3, 32, 32)]
 SIGMA, SIGMA_NEXT = 1.3, 0.9
 
 
-@pytest.fixture(autouse=True)
-def _cpu_threads():
-    # CPU peers run single-threaded: at these sizes intra-op threads on a shared machine add
-    # millisecond-scale synchronization noise that swamps the step itself.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cases():
