@@ -32,7 +32,6 @@ measured in benchmarks/distributed_ref.py (results/distributed-cpu-gloo.txt).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 

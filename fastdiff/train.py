@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import math
 import os
@@ -613,7 +612,7 @@ def _gather_rows(rows: torch.Tensor, counts: list, device) -> torch.Tensor | Non
 
 
 def _close_process_group() -> None:
-    """Destroy the process group (after training_loop's frame, holding DDP, is gone).
+    """Destroy the process group (called from main(), after training_loop has returned).
 
     On success every rank arrives here straight from the barrier at the end of the loop, so
     the destruction is collective, as torch.distributed asks. What it cannot do is free the
@@ -621,7 +620,6 @@ def _close_process_group() -> None:
     _exit_worker for the abort that caused.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gc.collect()
         torch.distributed.destroy_process_group()
 
 
