@@ -243,6 +243,23 @@ def test_density_lognormal_matches_edm():
     torch.testing.assert_close(dens.log_prob(lam).exp(), pdf, rtol=1e-9, atol=0)
 
 
+def test_density_cosine_interpolated_matches_simple_diffusion():
+    # Hoogeboom et al. 2023: lam(t) = t lam_c(t; d_low) + (1 - t) lam_c(t; d_high) with
+    # lam_c(t; n) = -2 log tan(pi t / 2) + 2 log(n / d), t ~ U(0, 1). On a range wide enough
+    # that truncation removes ~nothing, P(lam >= lam(t)) = t.
+    d, d_low, d_high = 512, 32, 256
+    proc = get_process("edm", sigma_min=1e-12, sigma_max=1e12)
+    dens = get_density("cosine_interpolated", proc, shift_start=d_high / d, shift_end=d_low / d)
+
+    def lam_paper(t):
+        lam_c = lambda n: -2 * math.log(math.tan(math.pi * t / 2)) + 2 * math.log(n / d)   # noqa: E731
+        return t * lam_c(d_low) + (1 - t) * lam_c(d_high)
+
+    for t in (0.05, 0.3, 0.5, 0.8, 0.97):
+        lam = torch.linspace(lam_paper(t), dens.lam_max, 200001, dtype=F64)
+        assert torch.trapezoid(dens.log_prob(lam).exp(), lam).item() == pytest.approx(t, abs=1e-6)
+
+
 def test_density_errors():
     with pytest.raises(ValueError, match="density must be one of"):
         get_density("gaussian", "edm")

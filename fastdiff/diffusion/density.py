@@ -13,7 +13,10 @@ on the device (B scalars per step, no host sync).
   "logit_normal"        (t - t_min) / T = sigmoid(z), z ~ N(mean, std^2) (Esser et al. 2024)
   "cosine"              tau ~ U, lam = -2 log tan(pi tau / 2) + 2 log(shift)
   "cosine_interpolated" lam = -2 log tan(pi tau / 2) + 2 ((1 - tau) log shift_start +
-                        tau log shift_end) (Hoogeboom et al. 2023's interpolated schedule)
+                        tau log shift_end): Hoogeboom et al. 2023's interpolated schedule,
+                        tau lam_shifted(d_low) + (1 - tau) lam_shifted(d_high) for images of
+                        side d, with shift_start = d_high / d and shift_end = d_low / d
+                        (defaults 1 and 1/8: d = d_high = 256, d_low = 32)
   "adaptive"            K&G's adaptive density: piecewise constant on `bins` equal
                         lam-bins, mass ∝ an EMA of E[w(lam) L(lam)] per bin (L the
                         unweighted eps-loss), mixed with `mix` of uniform so no bin
