@@ -13,7 +13,8 @@ walks the splits in chunks of Cs reference rows. Per chunk, three launches:
   1. _logits_kernel, grid (B/BM, Cs/BN, S): the fp32 tile g = (2 x.r - ||r||^2)
      * inv2s2 by tl.dot over D (tiles BK wide) into G (S, B, Cs).
   2. _row_kernel, grid (B, S): per row and split, in float64: the running lower
-     bound m_low on the max logit, the flags (below), the exact float64
+     bound m_low on the max logit, the flags (below; marked by a NaN written
+     over the entry's G, read back after a barrier), the exact float64
      direct-difference logits of the flagged entries, the new running max m,
      the weights p = exp(g - m) of the unflagged entries (written over G in
      fp32, 0 where flagged), l += sum p, and the flagged entries accumulated in
@@ -263,6 +264,11 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
                            xnorm, inv2s2, gamma)
             flag = _flags(g, e, ml, lb, lbe, valid)
             mx = tl.maximum(mx, tl.max(tl.where(valid & ~flag, g, NEG), axis=0))
+            # Pass C reads a NaN in G as the flag (G is finite otherwise); an entry whose
+            # G is NaN already (NaN data, value checks off) gets a NaN exact logit too.
+            bad = valid & (g != g) & ~flag
+            tl.store(gbase + lc, tl.full([BLK], float("nan"), tl.float32), mask=flag | bad)
+            tl.store(ebase + lc, tl.full([BLK], float("nan"), tl.float64), mask=bad)
             if tl.sum(flag.to(tl.int32), axis=0) > 0:
                 col64 = col.to(tl.int64)
                 dist = tl.zeros([BLK], tl.float64)
@@ -280,6 +286,11 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
         else:
             mx = tl.maximum(mx, tl.max(tl.where(valid, g, NEG), axis=0))
     m_new = mx
+    # Triton orders only shared memory: a global value written and read back in one
+    # program needs a barrier, since the two accesses may get different thread layouts
+    # (triton-lang/triton#10924). Here: E64 and the NaN flags in G, read by pass C, and
+    # ACC64, read-modify-written by the rescale and by each flagged block of pass C.
+    tl.debug_barrier()
 
     # Rescale the running state. m_new = -inf means the split has seen nothing yet.
     scale = tl.where(m_new == NEG, 1.0, tl.exp(m_old - m_new))
@@ -294,6 +305,7 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
                     dm = dd < D
                     ap = ACC64 + idx.to(tl.int64) * D + dd
                     tl.store(ap, tl.load(ap, mask=dm, other=0.0) * scale, mask=dm)
+                tl.debug_barrier()
 
     # pass C: weights; unflagged into P (over G), flagged into ACC64 in float64
     for c0 in range(0, Cs, BLK):
@@ -302,9 +314,7 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
         valid = (lc < Cs) & (j0 + lc < span) & (col < N)
         g = tl.load(gbase + lc, mask=valid, other=0.0).to(tl.float64)
         if EXACT:
-            e = _err_bound(tl.load(RN + col, mask=valid, other=0.0), tl.load(RNORM + col, mask=valid, other=0.0),
-                           xnorm, inv2s2, gamma)
-            flag = _flags(g, e, ml, lb, lbe, valid)
+            flag = valid & (g != g)     # flagged in pass B
             keep = valid & ~flag
         else:
             keep = valid
@@ -325,6 +335,7 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
                                  other=0.0).to(tl.float64)
                     ap = ACC64 + idx.to(tl.int64) * D + dd
                     tl.store(ap, tl.load(ap, mask=dm, other=0.0) + tl.sum(w[:, None] * rv, axis=0), mask=dm)
+                tl.debug_barrier()
 
     tl.store(M + idx, m_new)
     tl.store(ML + idx, ml)
