@@ -301,7 +301,6 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
   __shared__ double sh[32];
   __shared__ int flist[kRowThreads];
   __shared__ int wcount[kRowThreads / 32];
-  __shared__ double fmx;
   const int b = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
   const int idx = s * q.B + b;
   const int D = q.D;
@@ -325,9 +324,12 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
     ml = fmax(ml, block_reduce<true>(v, sh));
   }
 
-  // pass B: flags, exact logits of the flagged entries, the new max
+  // pass B: flags, exact logits of the flagged entries (a warp an entry), the new max.
+  // A flagged entry's G is set to NaN (G is finite otherwise), which pass C reads as its
+  // flag; an entry whose G is NaN already (NaN data, value checks off) gets e64 = NaN too,
+  // so the NaN reaches the output.
+  const int lane = tid & 31, wid = tid >> 5;
   double mx = -INFINITY;
-  if (tid == 0) fmx = -INFINITY;
   for (int base = 0; base < q.Cs; base += kRowThreads) {
     const int lc = base + tid;
     const int c = lc < q.Cs ? q.col(s, lc) : -1;
@@ -336,28 +338,29 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
       const double gv = g[lc];
       f = kExact && flagged(gv, err(c), ml, lb, lbe);
       if (!f) mx = fmax(mx, gv);
+      if (kExact && (f || isnan(gv))) {
+        g[lc] = NAN;
+        if (!f) e64[lc] = NAN;
+      }
     }
     if (kExact) {
       const int nf = compact_flags(f, lc, flist, wcount);
-      for (int i = 0; i < nf; ++i) {
+      for (int i = wid; i < nf; i += kRowThreads / 32) {
         const int flc = flist[i];
         const T* r = ref + static_cast<long long>(q.col(s, flc)) * D;
         double d = 0.0;
-        for (int j = tid; j < D; j += kRowThreads) {
+        for (int j = lane; j < D; j += 32) {
           const double diff = to_double(x[j]) - to_double(r[j]);
           d += diff * diff;
         }
-        d = block_reduce<false>(d, sh);
-        if (tid == 0) {
-          const double ge = (xn - d) * inv2s2;
-          e64[flc] = ge;
-          fmx = fmax(fmx, ge);
-        }
+        const double ge = (xn - warp_sum(d)) * inv2s2;
+        if (lane == 0) e64[flc] = ge;
+        mx = fmax(mx, ge);
       }
     }
   }
-  mx = block_reduce<true>(mx, sh);  // its leading barrier publishes fmx and e64
-  const double m_new = fmax(m_old, fmax(mx, fmx));
+  mx = block_reduce<true>(mx, sh);  // its leading barrier publishes e64 and the NaN flags in G
+  const double m_new = fmax(m_old, mx);
 
   // rescale the running state; m_new = -inf means the split has seen nothing yet
   const double scale = m_new == -INFINITY ? 1.0 : exp(m_old - m_new);
@@ -374,7 +377,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
     double p = 0.0;
     if (c >= 0) {
       const double gv = g[lc];
-      f = kExact && flagged(gv, err(c), ml, lb, lbe);
+      f = kExact && isnan(gv);  // flagged in pass B
       if (!f) p = exp(gv - m_new);
     }
     if (lc < q.Cs) g[lc] = static_cast<float>(p);
