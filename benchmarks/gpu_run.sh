@@ -58,9 +58,9 @@ run_timed() {
   return $rc
 }
 
-built() {
-  $PY -c "from fastdiff import _ext; import sys; sys.exit(0 if _ext.has_kernel('stf_target', 'CUDA') else 1)" \
-    > /dev/null 2>&1
+built() {  # fastdiff._C loads and registered every op's CUDA kernel
+  $PY -c "from fastdiff import _ext; import sys; sys.exit(0 if all(_ext.has_kernel(op, 'CUDA') for op in
+          ('stf_target', 'weighted_mse', 'sampler_affine', 'heun_correct')) else 1)" > /dev/null 2>&1
 }
 
 bench() {  # bench STAGE SECONDS PYTEST-ARGS...: the run, then its ratio report from the JSON
@@ -96,6 +96,9 @@ for stage in "${STAGES[@]}"; do
       $PY -c "import fastdiff; print({k: v.reason for k, v in fastdiff.available_backends().items()})" \
         | tee -a "$OUTDIR/env.txt" ;;
     tests)
+      # without the CUDA kernels every cuda test would skip, and the run would say nothing
+      built || { echo "tests: fastdiff._C is missing or lacks its CUDA kernels; run the build stage" \
+        | tee "$OUTDIR/tests.txt"; exit 1; }
       run_timed tests 330 $PY -m pytest tests/test_stf_gpu.py tests/test_weighted_mse.py tests/test_sampling.py \
         tests/test_dispatch.py tests/test_stf.py tests/test_stf_triton.py -q -rs
       grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.txt" | head -40; grep -E "passed|failed" "$OUTDIR/tests.txt" | tail -1 ;;
