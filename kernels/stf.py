@@ -398,7 +398,8 @@ def _combine_kernel(M, L, ACC32, ACC64, XN, INV2S2, T, LSE, B, D, S,
     if HAS64:
         part += tl.load(ACC64 + off, mask=mask, other=0.0)
     num = tl.sum(w[:, None] * part, axis=0)
-    t = tl.where(ltot > 0.0, num / tl.where(ltot > 0.0, ltot, 1.0), 0.0)
+    # ltot = 0 only if every split is empty; a NaN (NaN data with value checks off) stays NaN
+    t = tl.where(ltot == 0.0, 0.0, num / tl.where(ltot == 0.0, 1.0, ltot))
     if T.dtype.element_ty == tl.float64:
         tl.store(T + b.to(tl.int64) * D + dd, t, mask=dm)
     else:
@@ -406,7 +407,7 @@ def _combine_kernel(M, L, ACC32, ACC64, XN, INV2S2, T, LSE, B, D, S,
         tl.store(T + b.to(tl.int64) * D + dd, t.to(tl.float32).to(T.dtype.element_ty), mask=dm)
     if pid_d == 0:
         offset = tl.load(XN + b) * tl.load(INV2S2 + b)
-        lse = tl.where(ltot > 0.0, mmax + tl.log(tl.where(ltot > 0.0, ltot, 1.0)) - offset, NEG)
+        lse = tl.where(ltot == 0.0, NEG, mmax + tl.log(tl.where(ltot == 0.0, 1.0, ltot)) - offset)
         tl.store(LSE + b, lse)
 
 

@@ -401,6 +401,22 @@ def test_nonfinite_data_raises_on_every_backend(backend, where, value, dtype):
         fastdiff.stf_target(x, s, ref, backend=backend)
 
 
+@pytest.mark.parametrize("where", ["x", "ref"])
+def test_nan_data_with_value_checks_off(backend, where, monkeypatch):
+    # FASTDIFF_CHECK_VALUES=0 (and torch.compile) skip the Python checks: NaN data then gives
+    # NaN (the row of a NaN x; every row for a NaN reference row), or the cpu backend's error.
+    monkeypatch.setenv("FASTDIFF_CHECK_VALUES", "0")
+    x, s, ref = torch.rand(3, 40), torch.full((3,), 0.5), torch.rand(9, 40)
+    (x[1] if where == "x" else ref[4])[17] = float("nan")
+    if backend == "cpu":
+        with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+            fastdiff.stf_target(x, s, ref, backend=backend)
+        return
+    t, lse = fastdiff.stf_target(x, s, ref, backend=backend, return_lse=True)
+    want = torch.tensor([False, True, False]) if where == "x" else torch.ones(3, dtype=torch.bool)
+    assert torch.equal(t.isnan().all(1), want) and torch.equal(lse.isnan(), want)
+
+
 def test_unavailable_backend_by_name_raises():
     x, s, ref = _ok()
     # The cuda backend never runs on CPU tensors, GPU or not.

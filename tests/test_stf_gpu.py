@@ -406,3 +406,26 @@ def test_gemm_error_within_the_flag_bound(backend, kind, D):
     ratio = (err / bound).max().item()
     print(f"{backend} {kind} D={D}: max GEMM error / bound = {ratio:.3g}")
     assert (err <= bound + 2.0 ** -23 * lse64.abs()).all(), f"GEMM error {ratio:.3g}x the flag bound"
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("precision", ["highest", "tf32x3"])
+@pytest.mark.parametrize("where", ["x", "ref"])
+def test_nan_data_gives_nan(backend, precision, where):
+    """NaN data reaches the kernels when value checks are off (FASTDIFF_CHECK_VALUES=0,
+    torch.compile): the row of a NaN x, or every row for a NaN reference row, comes out
+    NaN, never a finite wrong number (the combine once turned a NaN sum into t = 0)."""
+    impl = _impl(backend)
+    x, s, ref = near_duplicate_case(7, 1023, 3071, torch.tensor(SIGMAS + SIGMAS[:2]))
+    (x[1] if where == "x" else ref[500])[3] = float("nan")
+    x, s, ref = x.cuda(), s.cuda(), ref.cuda()
+    t = torch.zeros_like(x)
+    lse = torch.zeros(7, dtype=torch.float64, device="cuda")
+    impl(x, s, ref, precision, t, lse)
+    want = torch.zeros(7, dtype=torch.bool)
+    want[1] = True
+    if where == "ref":
+        want[:] = True
+    assert torch.equal(t.isnan().all(1).cpu(), want) and torch.equal(lse.isnan().cpu(), want)

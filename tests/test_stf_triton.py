@@ -164,6 +164,19 @@ def _worker() -> dict:
         "row1_lse_neginf": lse[1].item() == -math.inf,
         "no_nan": not bool(torch.isnan(t).any() or torch.isnan(lse).any()),
     }
+    # NaN data (value checks off, or under torch.compile, which skips them): NaN out, in the
+    # row of a NaN x and in every row for a NaN reference row, never a finite wrong number
+    for where in ("x", "ref"):
+        g = torch.Generator().manual_seed(7)
+        x, r, s = torch.randn(4, 24, generator=g), torch.randn(40, 24, generator=g), torch.full((4,), 0.5)
+        (x[1] if where == "x" else r[7])[3] = float("nan")
+        for prec in ("highest", "tf32x3"):
+            for splits, chunk in [(1, None), (2, 16)]:
+                t = torch.zeros_like(x)
+                lse = torch.zeros(4, dtype=torch.float64)
+                K.stf_target_splits(x, s, r, prec, t, lse, splits=splits, chunk=chunk)
+                out[f"nan_{where}_{prec}_S{splits}"] = {"t_nan_rows": t.isnan().all(1).tolist(),
+                                                        "lse_nan_rows": lse.isnan().tolist()}
     out["seconds"] = time.time() - t_start
     return out
 
@@ -185,6 +198,15 @@ def report():
 
 HIGHEST_CASES = ["adv_S1_CNone", "adv_S2_C16", "adv_S4_C16", "adv_B8_N40_D40_S3", "adv_N96_offset0_S4",
                  "tiny_1_1_5", "tiny_3_2_1", "tiny_1_17_16", "api_lse", "api_fp64"]
+
+
+@pytest.mark.parametrize("where", ["x", "ref"])
+@pytest.mark.parametrize("precision", ["highest", "tf32x3"])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_nan_data_gives_nan(report, where, precision, splits):
+    r = report[f"nan_{where}_{precision}_S{splits}"]
+    want = [False, True, False, False] if where == "x" else [True] * 4
+    assert r["t_nan_rows"] == want and r["lse_nan_rows"] == want, r
 
 
 @pytest.mark.parametrize("case", HIGHEST_CASES)

@@ -451,10 +451,11 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(StfArgs a, int
       if (a.exact) part += a.acc64[o];
       num += w[s] * part;
     }
-    t[static_cast<long long>(b) * D + d] = static_cast<TO>(ltot > 0.0 ? num / ltot : 0.0);
+    // ltot = 0 only if every split is empty; a NaN (NaN data with value checks off) stays NaN
+    t[static_cast<long long>(b) * D + d] = static_cast<TO>(ltot == 0.0 ? 0.0 : num / ltot);
   }
   if (blockIdx.y == 0 && threadIdx.x == 0)
-    a.lse[b] = ltot > 0.0 ? mmax + log(ltot) - a.xn[b] * a.inv2s2[b] : -INFINITY;
+    a.lse[b] = ltot == 0.0 ? -INFINITY : mmax + log(ltot) - a.xn[b] * a.inv2s2[b];
 }
 
 template <int kMode, typename T>
