@@ -42,6 +42,7 @@ _oracle_cache: dict = {}
 
 def _available_bytes() -> int:
     if DEVICE == "cuda":
+        torch.cuda.empty_cache()     # mem_get_info does not count what the caching allocator holds
         free, _ = torch.cuda.mem_get_info()
         return free
     try:
