@@ -66,7 +66,7 @@ built() {  # fastdiff._C loads and registered every op's CUDA kernel
 bench() {  # bench STAGE SECONDS PYTEST-ARGS...: the run, then its ratio report from the JSON
   local stage=$1 t=$2; shift 2
   run_timed "$stage" "$t" $PY -m pytest "$@" --benchmark-only --benchmark-json="$OUTDIR/$stage.json" -q
-  grep -E "passed|failed|skipped" "$OUTDIR/$stage.txt" | tail -1
+  grep -E "passed|failed|skipped|error|deselected" "$OUTDIR/$stage.txt" | tail -1
   if [ -s "$OUTDIR/$stage.json" ]; then
     $PY benchmarks/report.py "$OUTDIR/$stage.json"
   fi
@@ -100,8 +100,8 @@ for stage in "${STAGES[@]}"; do
       built || { echo "tests: fastdiff._C is missing or lacks its CUDA kernels; run the build stage" \
         | tee "$OUTDIR/tests.txt"; exit 1; }
       run_timed tests 330 $PY -m pytest tests/test_stf_gpu.py tests/test_weighted_mse.py tests/test_sampling.py \
-        tests/test_dispatch.py tests/test_stf.py tests/test_stf_triton.py -q -rs
-      grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.txt" | head -40; grep -E "passed|failed" "$OUTDIR/tests.txt" | tail -1 ;;
+        tests/test_dispatch.py tests/test_stf.py tests/test_stf_triton.py -q -rfEs
+      grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.txt" | head -40; grep -E "passed|failed|error" "$OUTDIR/tests.txt" | tail -1 ;;
     sanitizer)   # the small ragged cases (tests/test_stf_gpu.py's docstring): out-of-bounds, races, uninitialised reads
       run_timed sanitizer 100 compute-sanitizer --tool memcheck --error-exitcode 9 \
         $PY -m pytest tests/test_stf_gpu.py -q -k "7-1023-3071 or ragged"
@@ -114,8 +114,9 @@ for stage in "${STAGES[@]}"; do
       tail -2 "$OUTDIR/initcheck.txt" ;;
     bench-stf)   bench bench-stf 330 benchmarks/test_stf_bench.py -k test_stf_target ;;
     bench-modes) bench bench-modes 240 benchmarks/test_stf_bench.py -k test_stf_precision_modes ;;
-    bench-ops)   bench bench-ops 200 benchmarks/test_weighted_mse_bench.py benchmarks/test_sampling_bench.py ;;
-    bench-train) bench bench-train 400 benchmarks/test_train_bench.py -k "cuda and (bf16 or published)" ;;
+    bench-ops)   bench bench-ops 200 benchmarks/test_weighted_mse_bench.py benchmarks/test_sampling_bench.py \
+                   -k "not cpu" ;;   # the CPU cases are in results/cpu-2core.txt
+    bench-train) bench bench-train 400 benchmarks/test_train_bench.py -k "cuda and bf16" ;;
     *) echo "unknown stage '$stage'; stages: env build tests sanitizer bench-stf bench-modes bench-ops bench-train" >&2
        exit 2 ;;
   esac

@@ -16,7 +16,7 @@ import json
 import sys
 from collections import defaultdict
 
-BASELINES = ("published", "eager", "highest")
+BASELINES = ("published", "eager", "highest", "dsm eager")   # the last: the train-step groups
 
 
 def _fmt(v, spec, missing="-"):
