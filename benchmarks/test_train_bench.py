@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -68,7 +69,12 @@ def _bench(benchmark, *, device, preset, shape, batch, objective, ref_size, comp
     benchmark.group = f"train step {preset} {shape[-1]}x{shape[-1]} b{batch} {precision}"
     benchmark.extra_info["peer"] = f"{name} {'compiled' if compile else 'eager'}"
     with _published(published):
-        run()                                   # compile and warm up outside the timing
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()                               # compile and warm up outside the timing
+        fallback = [w for w in caught if "torch.compile failed" in str(w.message)]
+        if compile and fallback:                # make_step went eager: not a compiled figure
+            pytest.fail(f"the compiled step fell back to eager: {fallback[0].message}")
         benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     if benchmark.stats:                         # None under --benchmark-disable (a smoke run)
         benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.mean
