@@ -268,16 +268,11 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
     computed from detached inputs, by design.
     """
     _check_mode(precision, backend)
+    x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
+    trivial = _trivial(x2, r2)
     if torch.compiler.is_compiling():
-        x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
-        if x2.shape[0] == 0:
-            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float64)
-        elif x2.shape[1] == 0:
-            t, lse = _no_features(x2, r2)
-        else:
-            t, lse = _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
+        t, lse = trivial or _stf_target_op(x2.detach(), s.detach(), r2.detach(), precision, backend)
     else:
-        x2, s, r2 = _prepare(x, sigma, ref, check_data=False, check_values=False)
         if backend == "auto":
             backend = _auto_backend(x2, r2, precision)
         name, impl = _dispatch.resolve("stf_target", backend, x2.device.type)  # unavailable backends raise here
@@ -285,10 +280,8 @@ def stf_target(x: torch.Tensor, sigma, ref: torch.Tensor, *, precision: str = "h
             # sigma, and x and ref unless the backend checks them, with one read-back
             _check_values(s if isinstance(sigma, torch.Tensor) else None,
                           (("x", x2), ("ref", r2)) if x2.shape[0] == 0 or name not in _CHECKS_DATA else ())
-        if x2.shape[0] == 0:
-            t, lse = torch.empty_like(x2), x2.new_empty(0, dtype=torch.float64)
-        elif x2.shape[1] == 0:
-            t, lse = _no_features(x2, r2)
+        if trivial:
+            t, lse = trivial
         else:
             if torch._C._any_requires_grad(x2, s, r2):
                 x2, s, r2 = x2.detach(), s.detach(), r2.detach()
@@ -308,11 +301,16 @@ def _auto_backend(x2: torch.Tensor, r2: torch.Tensor, precision: str) -> str:
     return _dispatch.auto_by_size("stf_target", x2.device.type, precision, (x2.shape[0], r2.shape[0], x2.shape[1]))
 
 
-def _no_features(x2: torch.Tensor, r2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x of shape (B, 0, ...): every logit is 0, so lse = log N and t is empty; the backends'
-    kernels assume D >= 1 (a CUDA grid of width 0 does not launch)."""
-    lse = torch.full((x2.shape[0],), math.log(r2.shape[0]), dtype=torch.float64, device=x2.device)
-    return torch.empty_like(x2), lse
+def _trivial(x2: torch.Tensor, r2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(t, lse) where no kernel is needed, else None: no rows (B = 0: both empty), or no
+    features (x of shape (B, 0, ...): every logit is 0, so lse = log N and t is empty; the
+    backends' kernels assume D >= 1, and a CUDA grid of width 0 does not launch)."""
+    if x2.shape[0] == 0:
+        return torch.empty_like(x2), x2.new_empty(0, dtype=torch.float64)
+    if x2.shape[1] == 0:
+        lse = torch.full((x2.shape[0],), math.log(r2.shape[0]), dtype=torch.float64, device=x2.device)
+        return torch.empty_like(x2), lse
+    return None
 
 
 def stf_weights(x: torch.Tensor, sigma, ref: torch.Tensor) -> torch.Tensor:
