@@ -532,8 +532,9 @@ def training_loop(cfg: dict, explicit: set) -> str:
         f"{f', {torch.get_num_threads()} thread(s)' if device.type == 'cpu' else ''}\n"
         f"  resume: {resume_cmd}\n  sample: {sample_cmd}")
     from tqdm import tqdm
+    # Redirected to a log file (a cluster job), the bar updates every 30 s instead of 10 times a second.
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank != 0,
-               smoothing=0.1)
+               smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     loss_sum = torch.zeros((), device=device)
     n_sum, t_last, last_good = 0, time.perf_counter(), None
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
@@ -570,7 +571,7 @@ def training_loop(cfg: dict, explicit: set) -> str:
                        + (f"Last good checkpoint: {last_good}" if last_good else "No checkpoint was written.")
                        + " Lower --lr, raise --warmup or set --grad-clip, then resume from the checkpoint.")
                 raise FloatingPointError(msg)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
             if rank == 0:
                 with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step, "kimg": nimg / 1000, "loss": mean_loss, "lr": lr,
