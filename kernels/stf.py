@@ -154,7 +154,12 @@ _PV_CONFIGS = _configs(dict(BM=16, BD=16, BK=16), [
     triton.Config(dict(BM=128, BD=64, BK=32), num_warps=4, num_stages=4),
     triton.Config(dict(BM=64, BD=64, BK=32), num_warps=4, num_stages=4),
 ])
-_ROW_BLK, _ROW_BD = (16, 16) if INTERPRET else (128, 64)
+_MAX_BM = max(c.kwargs["BM"] for c in _PV_CONFIGS)
+# The row kernel: BLK entries per step, [BLK, BD] float64 tiles for the flagged entries'
+# direct differences, BV-wide vectors to rescale ACC64; 4 warps. Sized by ptxas -v for sm_90
+# (triton 3.6 and 3.8; tests/test_triton_aot.py): 64/16 uses 96 registers and spills at most
+# 24 bytes; the former 128/64 used 255 and spilled ~1.2 KB per thread. Not yet timed on a GPU.
+_ROW_BLK, _ROW_BD, _ROW_BV = (16, 16, 16) if INTERPRET else (64, 16, 512)
 _COMBINE_BD = 16 if INTERPRET else 256
 
 
@@ -225,7 +230,7 @@ def _flags(g, e, ml, lb, lbe, valid):
 def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
                 M, ML, L, L64, SCALE, ACC64,
                 B, N, D, Cs, span, j0, gamma,
-                EXACT: tl.constexpr, BLK: tl.constexpr, BD: tl.constexpr):
+                EXACT: tl.constexpr, BLK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     b = tl.program_id(0)
     s = tl.program_id(1)
     idx = s * B + b
@@ -300,8 +305,8 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
     if EXACT:
         if l64_old > 0.0:
             if scale != 1.0:
-                for d0 in range(0, D, BD):
-                    dd = d0 + tl.arange(0, BD)
+                for d0 in range(0, D, BV):
+                    dd = d0 + tl.arange(0, BV)
                     dm = dd < D
                     ap = ACC64 + idx.to(tl.int64) * D + dd
                     tl.store(ap, tl.load(ap, mask=dm, other=0.0) * scale, mask=dm)
@@ -347,7 +352,7 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
 @triton.autotune(configs=_PV_CONFIGS, key=["B", "Cs", "D", "PREC", "BF16"])
 @triton.jit
 def _pv_kernel(P, R, SCALE, ACC_IN, ACC_OUT, B, N, D, Cs, span, j0,
-               PREC: tl.constexpr, BF16: tl.constexpr,
+               PREC: tl.constexpr, BF16: tl.constexpr, OFF64: tl.constexpr,
                BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -370,10 +375,17 @@ def _pv_kernel(P, R, SCALE, ACC_IN, ACC_OUT, B, N, D, Cs, span, j0,
         else:
             acc = tl.dot(p, r, acc, input_precision=PREC)
     scale = tl.load(SCALE + s * B + rows, mask=rmask, other=1.0)
-    off = (s * B + rows).to(tl.int64)[:, None] * D + dd[None, :]
+    # The tile's offsets as one 64-bit base and 32-bit offsets within the tile (64-bit only
+    # where BM * D could pass int32: OFF64): an int64 offset per element, live next to acc
+    # and old, made ptxas spill ~0.5 KB per thread.
+    base = (s * B + pid_m * BM).to(tl.int64) * D + pid_d * BD
+    tile_rows = tl.arange(0, BM)
+    if OFF64:
+        tile_rows = tile_rows.to(tl.int64)
+    off = tile_rows[:, None] * D + tl.arange(0, BD)[None, :]
     mask = rmask[:, None] & dm[None, :]
-    old = tl.load(ACC_IN + off, mask=mask, other=0.0)
-    tl.store(ACC_OUT + off, old * scale[:, None] + acc, mask=mask)
+    old = tl.load(ACC_IN + base + off, mask=mask, other=0.0)
+    tl.store(ACC_OUT + base + off, old * scale[:, None] + acc, mask=mask)
 
 
 @triton.jit
@@ -495,9 +507,10 @@ def stf_target_splits(x, sigma, ref, precision, t_out, lse_out, splits=None, chu
         _row_kernel[(B, S)](
             G, E64, x, ref, rn, rnorm, xn, xnorm, inv2s2, lb, lbe, m, ml, l, l64, scale,
             acc64 if exact else G, B, N, D, Cs, span, j0, gamma,
-            EXACT=exact, BLK=_ROW_BLK, BD=_ROW_BD)
+            EXACT=exact, BLK=_ROW_BLK, BD=_ROW_BD, BV=_ROW_BV, num_warps=4)
         _pv_kernel[lambda meta: (triton.cdiv(B, meta["BM"]), triton.cdiv(D, meta["BD"]), S)](
-            G, ref, scale, acc[0], acc[1], B, N, D, Cs, span, j0, PREC=prec, BF16=bf16)
+            G, ref, scale, acc[0], acc[1], B, N, D, Cs, span, j0, PREC=prec, BF16=bf16,
+            OFF64=D * _MAX_BM >= 2 ** 31)
         acc.reverse()
     combine(m, l, acc[0], acc64, xn, inv2s2, t_out, lse_out)
 

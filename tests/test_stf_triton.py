@@ -94,6 +94,13 @@ def _worker() -> dict:
     x, s, r = _adversarial(8, 40, 40, seed=2)
     k, v = _run_case("adv_B8_N40_D40_S3", x, s, r, splits=3, chunk=16)
     out[k] = v
+    # the P @ R kernel's 64-bit tile offsets (taken on a GPU where BM * D could pass int32)
+    max_bm, K._MAX_BM = K._MAX_BM, 2 ** 31
+    try:
+        k, v = _run_case("adv_B8_N40_D40_S3_off64", x, s, r, splits=3, chunk=16)
+    finally:
+        K._MAX_BM = max_bm
+    out[k] = v
     x, s, r = _adversarial(8, 96, 33, seed=3, offset=0.0)
     k, v = _run_case("adv_N96_offset0_S4", x, s, r, splits=4, chunk=16)
     out[k] = v
@@ -196,7 +203,8 @@ def report():
     return json.loads(line[len("REPORT "):])
 
 
-HIGHEST_CASES = ["adv_S1_CNone", "adv_S2_C16", "adv_S4_C16", "adv_B8_N40_D40_S3", "adv_N96_offset0_S4",
+HIGHEST_CASES = ["adv_S1_CNone", "adv_S2_C16", "adv_S4_C16", "adv_B8_N40_D40_S3", "adv_B8_N40_D40_S3_off64",
+                 "adv_N96_offset0_S4",
                  "tiny_1_1_5", "tiny_3_2_1", "tiny_1_17_16", "api_lse", "api_fp64"]
 
 
