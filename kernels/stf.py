@@ -466,6 +466,7 @@ def stf_target_splits(x, sigma, ref, precision, t_out, lse_out, splits=None, chu
     exact = precision == "highest"
     bf16 = precision == "bf16" and not INTERPRET
     prec = "ieee" if INTERPRET else _DOT_PRECISION[precision]
+    off64 = D * _MAX_BM >= 2 ** 31      # the P @ R tiles' offsets could pass int32
 
     S = int(splits) if splits else _default_splits(B, N, D, dev)
     S = max(1, min(S, N))
@@ -509,8 +510,7 @@ def stf_target_splits(x, sigma, ref, precision, t_out, lse_out, splits=None, chu
             acc64 if exact else G, B, N, D, Cs, span, j0, gamma,
             EXACT=exact, BLK=_ROW_BLK, BD=_ROW_BD, BV=_ROW_BV, num_warps=4)
         _pv_kernel[lambda meta: (triton.cdiv(B, meta["BM"]), triton.cdiv(D, meta["BD"]), S)](
-            G, ref, scale, acc[0], acc[1], B, N, D, Cs, span, j0, PREC=prec, BF16=bf16,
-            OFF64=D * _MAX_BM >= 2 ** 31)
+            G, ref, scale, acc[0], acc[1], B, N, D, Cs, span, j0, PREC=prec, BF16=bf16, OFF64=off64)
         acc.reverse()
     combine(m, l, acc[0], acc64, xn, inv2s2, t_out, lse_out)
 
