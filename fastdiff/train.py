@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -311,8 +312,49 @@ def make_step(model, obj, opt, *, device, bf16: bool, compile: bool, grad_clip: 
     return step
 
 
-def training_loop(cfg: dict, explicit: set) -> str:
-    # ---------------------------------------------------------------- distributed, config, resume
+@dataclasses.dataclass
+class Run:
+    """Everything one training process holds: set up by setup_run, advanced by training_loop."""
+    cfg: dict
+    device: torch.device
+    world: int
+    rank: int
+    run_dir: str
+    dataset: object
+    shape: tuple
+    data_info: dict
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    obj: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sampler: Sampler
+    total_steps: int
+    images_per_step: int
+    step: int = 0
+    last_good: str | None = None
+    proxy: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def stf(self) -> bool:
+        return self.cfg["objective"] == "stf"
+
+    @property
+    def shard(self) -> bool:
+        # This rank's y and draws are its shard of the reference batch; the objective
+        # combines the ranks' partial targets (fastdiff.distributed).
+        return self.world > 1 and self.stf and self.cfg["ref_dist"] == "shard"
+
+    def log(self, *args, **kwargs) -> None:
+        if self.rank == 0:
+            print(*args, **kwargs)
+
+    def append_metrics(self, record: dict) -> None:
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _init_device(cfg: dict) -> tuple[torch.device, int, int]:
+    """(device, world size, rank); joins the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -326,23 +368,29 @@ def training_loop(cfg: dict, explicit: set) -> str:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log = print if rank == 0 else (lambda *a, **k: None)
+    return device, world, rank
 
-    resume = None
-    if cfg["resume"]:
-        path = ckpt_io.resolve(cfg["resume"])
-        resume = ckpt_io.load(path)
-        saved = resume["config"]
-        clash = [k for k in IDENTITY if k in explicit and cfg[k] != saved.get(k)]
-        if clash:
-            raise ConfigError(f"checkpoint {path} is from another configuration: " + ", ".join(
-                f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved.get(k)!r})" for k in clash))
-        # Options not given again continue as saved (the run's length included).
-        # Where and how it runs (device, compile, threads, ref_dist) is decided afresh on this machine.
-        keep = set(cfg) - explicit - {"resume", "device", "compile", "threads", "ref_dist"}
-        cfg = {**cfg, **{k: v for k, v in saved.items() if k in keep}}
-        run_dir = os.path.dirname(os.path.abspath(path))
-    check_config(cfg)
+
+def _load_resume(cfg: dict, explicit: set) -> tuple[dict, dict | None, str | None]:
+    """(config, checkpoint state, run directory) for --resume; (cfg, None, None) without it."""
+    if not cfg["resume"]:
+        return cfg, None, None
+    path = ckpt_io.resolve(cfg["resume"])
+    resume = ckpt_io.load(path)
+    saved = resume["config"]
+    clash = [k for k in IDENTITY if k in explicit and cfg[k] != saved.get(k)]
+    if clash:
+        raise ConfigError(f"checkpoint {path} is from another configuration: " + ", ".join(
+            f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved.get(k)!r})" for k in clash))
+    # Options not given again continue as saved (the run's length included).
+    # Where and how it runs (device, compile, threads, ref_dist) is decided afresh on this machine.
+    keep = set(cfg) - explicit - {"resume", "device", "compile", "threads", "ref_dist"}
+    cfg = {**cfg, **{k: v for k, v in saved.items() if k in keep}}
+    return cfg, resume, os.path.dirname(os.path.abspath(path))
+
+
+def _configure_host(cfg: dict, device: torch.device) -> None:
+    """CPU threads and whether the step is compiled, decided on this machine."""
     if device.type == "cpu":
         threads = cfg["threads"]
         if threads == 0 and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5:
@@ -355,7 +403,15 @@ def training_loop(cfg: dict, explicit: set) -> str:
         warnings.warn("no C++ compiler found for torch.compile on CPU; running the step eagerly")
         cfg["compile"] = False
 
-    # ---------------------------------------------------------------- data, network, objective
+
+def setup_run(cfg: dict, explicit: set) -> Run:
+    """Device, process group, resume, data, network, objective, optimizer and run directory:
+    everything before the first step. A failure here stops the run before any step."""
+    device, world, rank = _init_device(cfg)
+    cfg, resume, run_dir = _load_resume(cfg, explicit)
+    check_config(cfg)
+    _configure_host(cfg, device)
+
     dataset = load_dataset(cfg["data"], cfg["resolution"], cfg["xflip"])
     shape = dataset.shape
     if cfg["model"] == "unet" and len(shape) == 1:
@@ -383,49 +439,45 @@ def training_loop(cfg: dict, explicit: set) -> str:
     sampler = Sampler(len(dataset), cfg["batch"], cfg["seed"], rank, world, dataset.xflip)
     images_per_step = cfg["batch"] * world
     total_steps = math.ceil(cfg["kimg"] * 1000 / images_per_step) if cfg["kimg"] else cfg["steps"]
-    step = 0
+    run = Run(cfg=cfg, device=device, world=world, rank=rank, run_dir=run_dir, dataset=dataset, shape=shape,
+              data_info=data_info, net=net, ema=ema, obj=obj, opt=opt, sampler=sampler, total_steps=total_steps,
+              images_per_step=images_per_step)
     if resume is not None:
-        # Into freshly built objects: a failure here stops the run before any step.
-        try:
-            net.load_state_dict(resume["net"])
-            ema.load_state_dict(resume["ema"])
-            opt.load_state_dict(resume["opt"])
-            obj.load_state_dict(resume["obj"])
-            step = resume["step"]
-            states = resume["rank_states"]
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ckpt_io.CheckpointError(f"{cfg['resume']} does not fit this configuration: {e}") from None
-        if len(states) != world:
-            warnings.warn(f"checkpoint written by {len(states)} processes, resuming with {world}: the data order "
-                          f"and noise continue from fresh streams, not bit for bit")
-            sampler.load_state_dict(states[0]["sampler"])
-        else:
-            _set_rng_state(states[rank], device, sampler)
+        _restore(run, resume)
         del resume
     else:
-        run_dir = _new_run_dir(cfg)
+        run.run_dir = _new_run_dir(cfg)
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
+        os.makedirs(run.run_dir, exist_ok=True)
+        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
             json.dump({**cfg, "world_size": world, "total_steps": total_steps, "data_info": data_info}, f, indent=2)
-    ddp_net = net
-    if world > 1:
-        ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda"
-                                                            else None)
+    return run
 
-    # ---------------------------------------------------------------- the step
-    bf16 = cfg["precision"] == "bf16"
-    stf = cfg["objective"] == "stf"
-    n_extra = cfg["ref_size"] - cfg["batch"] if stf else 0
-    shard = world > 1 and stf and cfg["ref_dist"] == "shard"
-    if shard:
-        # This rank's y and draws are its shard of the reference batch; the objective
-        # combines the ranks' partial targets (fastdiff.distributed).
-        from fastdiff.distributed import stf_target_sharded
-        obj.stf_target_fn = stf_target_sharded
 
-    train_step = make_step(ddp_net, obj, opt, device=device, bf16=bf16, compile=cfg["compile"],
-                           grad_clip=cfg["grad_clip"], world=world)
+def _restore(run: Run, resume: dict) -> None:
+    """Load a checkpoint's state into the freshly built objects of run."""
+    try:
+        run.net.load_state_dict(resume["net"])
+        run.ema.load_state_dict(resume["ema"])
+        run.opt.load_state_dict(resume["opt"])
+        run.obj.load_state_dict(resume["obj"])
+        run.step = resume["step"]
+        states = resume["rank_states"]
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ckpt_io.CheckpointError(f"{run.cfg['resume']} does not fit this configuration: {e}") from None
+    if len(states) != run.world:
+        warnings.warn(f"checkpoint written by {len(states)} processes, resuming with {run.world}: the data order "
+                      f"and noise continue from fresh streams, not bit for bit")
+        run.sampler.load_state_dict(states[0]["sampler"])
+    else:
+        _set_rng_state(states[run.rank], run.device, run.sampler)
+
+
+def make_batch_fn(run: Run):
+    """next_batch() -> (y, extra_ref): this rank's mini-batch and the STF reference rows beyond it."""
+    device, world, rank, dataset, sampler = run.device, run.world, run.rank, run.dataset, run.sampler
+    n_extra = run.cfg["ref_size"] - run.cfg["batch"] if run.stf else 0
+    gather = world > 1 and run.stf and not run.shard
 
     def to_device(t):
         # Pinned + non_blocking: a pageable host-to-device copy would synchronize the stream.
@@ -440,7 +492,7 @@ def training_loop(cfg: dict, explicit: set) -> str:
         if n_extra > 0:
             ridx, rflip = sampler.ref_rows(n_extra)
             extra = dataset.get(to_device(ridx), to_device(rflip))
-        if world > 1 and stf and not shard:
+        if gather:
             # Every rank's batch and draws join the reference batch (see the module docstring).
             ys, extras = [torch.empty_like(y) for _ in range(world)], None
             torch.distributed.all_gather(ys, y)
@@ -452,151 +504,185 @@ def training_loop(cfg: dict, explicit: set) -> str:
             extra = torch.cat(parts)
         return y, extra
 
-    def save_checkpoint():
-        states = [None] * world
-        rs = _rng_state(device, sampler)
-        if world > 1:
-            torch.distributed.all_gather_object(states, rs)
-        else:
-            states = [rs]
-        if world > 1:
-            # The ranks must hold identical parameters; record (and check) one checksum per rank.
-            flat = torch.cat([p.detach().double().flatten() for p in net_params])
-            mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device, dtype=flat.dtype)
-                                             .remainder(7.0)).sum()])
-            sums = [torch.empty_like(mine) for _ in range(world)]
-            torch.distributed.all_gather(sums, mine)
-            if rank == 0:
-                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, "rank_param_checksums": [x.tolist() for x in sums]}) + "\n")
-            if any(not torch.equal(x, sums[0]) for x in sums):
-                raise RuntimeError(f"ranks out of sync at step {step}: parameter checksums {[x.tolist() for x in sums]}")
-        if rank != 0:
-            return
-        path = os.path.join(run_dir, f"checkpoint-{step:07d}.pt")
-        ckpt_io.save({"config": cfg, "step": step, "data": data_info, "net": net.state_dict(),
-                      "ema": ema.state_dict(), "opt": opt.state_dict(), "obj": obj.state_dict(),
-                      "rank_states": states}, path)
-        for old in ckpt_io.list_checkpoints(run_dir)[:-cfg["keep"]]:
-            os.remove(old)
-        return path
+    return next_batch
 
-    def evaluate(final: bool):
-        fid_due = dataset.is_image and ((final and cfg["fid_every"] == 0) or (cfg["fid_every"] > 0 and (
-            step % cfg["fid_every"] == 0 or final)))
-        fid = compute_fid() if fid_due else None        # every rank draws its share of the samples
-        if rank != 0:
-            return None
-        samples = torch.cat(list(generate(obj, ema, shape, 64 if dataset.is_image else 2048, seed=cfg["seed"],
-                                          steps=cfg["sample_steps"],
-                                          device=device)))
-        from fastdiff.eval import save_grid
-        grid = os.path.join(run_dir, f"samples-{step:07d}.png")
-        save_grid(samples, grid)
-        record = {"step": step, "samples": grid}
-        if fid is not None:
-            record[f"fid_{'proxy' if cfg['fid_ref'] == 'proxy' else 'clean'}"] = fid
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        return record
 
-    proxy = {}
+def save_checkpoint(run: Run) -> str | None:
+    """Write checkpoint-<step>.pt (rank 0) and prune old ones; every rank takes part. The path, on rank 0."""
+    world, rank = run.world, run.rank
+    states = [None] * world
+    rs = _rng_state(run.device, run.sampler)
+    if world > 1:
+        torch.distributed.all_gather_object(states, rs)
+    else:
+        states = [rs]
+    if world > 1:
+        # The ranks must hold identical parameters; record (and check) one checksum per rank.
+        flat = torch.cat([p.detach().double().flatten() for p in run.net.parameters()])
+        mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device, dtype=flat.dtype)
+                                         .remainder(7.0)).sum()])
+        sums = [torch.empty_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(sums, mine)
+        if rank == 0:
+            run.append_metrics({"step": run.step, "rank_param_checksums": [x.tolist() for x in sums]})
+        if any(not torch.equal(x, sums[0]) for x in sums):
+            raise RuntimeError(f"ranks out of sync at step {run.step}: parameter checksums "
+                               f"{[x.tolist() for x in sums]}")
+    if rank != 0:
+        return None
+    path = os.path.join(run.run_dir, f"checkpoint-{run.step:07d}.pt")
+    ckpt_io.save({"config": run.cfg, "step": run.step, "data": run.data_info, "net": run.net.state_dict(),
+                  "ema": run.ema.state_dict(), "opt": run.opt.state_dict(), "obj": run.obj.state_dict(),
+                  "rank_states": states}, path)
+    for old in ckpt_io.list_checkpoints(run.run_dir)[:-run.cfg["keep"]]:
+        os.remove(old)
+    return path
 
-    def compute_fid():
-        """FID of cfg["fid_samples"] EMA samples (on rank 0; None on the others). Under torchrun
-        each rank draws an equal share, rank r with seed + 1 + r, and rank 0 gathers them."""
-        from fastdiff import eval as fd_eval
-        counts = [cfg["fid_samples"] // world + (r < cfg["fid_samples"] % world) for r in range(world)]
-        samples = torch.cat([torch.empty(0, *shape), *generate(obj, ema, shape, counts[rank], seed=cfg["seed"] + 1
-                                                                + rank, steps=cfg["sample_steps"], device=device)])
-        if world > 1:
-            samples = _gather_rows(samples, counts, device)
-        if rank != 0:
-            return None
-        if cfg["fid_ref"] != "proxy":
-            return fd_eval.fid(samples, cfg["fid_ref"])
-        if "net" not in proxy:
-            with torch.random.fork_rng(devices=[]):
-                real = dataset.get(torch.arange(len(dataset), device=device)).cpu()
-                labels = fd_eval.digits_labels() if cfg["data"] == "digits" else None
-                proxy["net"], proxy["real"] = fd_eval.train_proxy(real, labels, steps=200, seed=cfg["seed"]), real
-        return fd_eval.fid(samples, proxy["real"], proxy["net"])
 
-    # ---------------------------------------------------------------- the loop
-    resume_cmd = f"python -m fastdiff.train --resume {run_dir}"
-    sample_cmd = f"python -m fastdiff.sample --ckpt {run_dir} --n 50000 --out {os.path.join(run_dir, 'samples')}"
-    log(f"run directory: {run_dir}\n  data {cfg['data']} {len(dataset)} x {shape}, {cfg['objective']} "
-        f"(ref size {cfg['ref_size'] * world if stf else 1}), {cfg['model']}/{cfg['preset']} "
-        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {device}, "
-        f"{'compiled' if cfg['compile'] else 'eager'}, {cfg['precision']}, {world} process(es)"
-        f"{f', {torch.get_num_threads()} thread(s)' if device.type == 'cpu' else ''}\n"
-        f"  resume: {resume_cmd}\n  sample: {sample_cmd}")
+def evaluate(run: Run, final: bool) -> dict | None:
+    """A sample grid and, when due, the FID (every rank draws its share); the metrics record, on rank 0."""
+    cfg = run.cfg
+    fid_due = run.dataset.is_image and ((final and cfg["fid_every"] == 0) or (cfg["fid_every"] > 0 and (
+        run.step % cfg["fid_every"] == 0 or final)))
+    fid = compute_fid(run) if fid_due else None
+    if run.rank != 0:
+        return None
+    samples = torch.cat(list(generate(run.obj, run.ema, run.shape, 64 if run.dataset.is_image else 2048,
+                                      seed=cfg["seed"], steps=cfg["sample_steps"], device=run.device)))
+    from fastdiff.eval import save_grid
+    grid = os.path.join(run.run_dir, f"samples-{run.step:07d}.png")
+    save_grid(samples, grid)
+    record = {"step": run.step, "samples": grid}
+    if fid is not None:
+        record[f"fid_{'proxy' if cfg['fid_ref'] == 'proxy' else 'clean'}"] = fid
+    run.append_metrics(record)
+    return record
+
+
+def compute_fid(run: Run) -> float | None:
+    """FID of cfg["fid_samples"] EMA samples (on rank 0; None on the others). Under torchrun
+    each rank draws an equal share, rank r with seed + 1 + r, and rank 0 gathers them."""
+    from fastdiff import eval as fd_eval
+    cfg, world, rank, shape = run.cfg, run.world, run.rank, run.shape
+    counts = [cfg["fid_samples"] // world + (r < cfg["fid_samples"] % world) for r in range(world)]
+    samples = torch.cat([torch.empty(0, *shape), *generate(run.obj, run.ema, shape, counts[rank],
+                                                            seed=cfg["seed"] + 1 + rank, steps=cfg["sample_steps"],
+                                                            device=run.device)])
+    if world > 1:
+        samples = _gather_rows(samples, counts, run.device)
+    if rank != 0:
+        return None
+    if cfg["fid_ref"] != "proxy":
+        return fd_eval.fid(samples, cfg["fid_ref"])
+    if "net" not in run.proxy:
+        with torch.random.fork_rng(devices=[]):
+            real = run.dataset.get(torch.arange(len(run.dataset), device=run.device)).cpu()
+            labels = fd_eval.digits_labels() if cfg["data"] == "digits" else None
+            run.proxy["net"] = fd_eval.train_proxy(real, labels, steps=200, seed=cfg["seed"])
+            run.proxy["real"] = real
+    return fd_eval.fid(samples, run.proxy["real"], run.proxy["net"])
+
+
+def _log_progress(run: Run, loss_sum: torch.Tensor, n_sum: int, seconds: float, lr: float, bar) -> None:
+    """Read the mean loss of the last n_sum steps (the loop's one host sync), stop on a non-finite
+    loss, and write it to the bar and metrics.jsonl."""
+    mean_loss = (loss_sum / n_sum).item()
+    if run.world > 1:
+        t = torch.tensor([mean_loss], device=run.device)
+        torch.distributed.all_reduce(t)
+        mean_loss = t.item() / run.world
+    ips = n_sum * run.images_per_step / seconds
+    if not math.isfinite(mean_loss):
+        bar.close()
+        msg = (f"loss became {mean_loss} between steps {run.step - n_sum} and {run.step}; stopping. "
+               + (f"Last good checkpoint: {run.last_good}" if run.last_good else "No checkpoint was written.")
+               + " Lower --lr, raise --warmup or set --grad-clip, then resume from the checkpoint.")
+        raise FloatingPointError(msg)
+    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
+    if run.rank == 0:
+        run.append_metrics({"step": run.step, "kimg": run.step * run.images_per_step / 1000, "loss": mean_loss,
+                            "lr": lr, "images_per_s": ips, "time": time.time()})
+
+
+def _update_ema(run: Run, ema_params: list, net_params: list) -> None:
+    cfg = run.cfg
+    nimg = run.step * run.images_per_step
+    halflife = min(cfg["ema"], nimg * cfg["ema_rampup"]) if cfg["ema_rampup"] else cfg["ema"]
+    beta = 0.5 ** (run.images_per_step / max(halflife, 1e-8))
+    torch._foreach_lerp_(ema_params, net_params, 1 - beta)
+    for b_ema, b_net in zip(run.ema.buffers(), run.net.buffers()):
+        b_ema.copy_(b_net)
+
+
+def training_loop(cfg: dict, explicit: set) -> str:
+    """Set up, then step until the run's total, logging, checkpointing and evaluating on the way."""
+    run = setup_run(cfg, explicit)
+    cfg = run.cfg
+    ddp_net = run.net
+    if run.world > 1:
+        ddp_net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=[run.device]
+                                                            if run.device.type == "cuda" else None)
+    if run.shard:
+        from fastdiff.distributed import stf_target_sharded
+        run.obj.stf_target_fn = stf_target_sharded
+    train_step = make_step(ddp_net, run.obj, run.opt, device=run.device, bf16=cfg["precision"] == "bf16",
+                           compile=cfg["compile"], grad_clip=cfg["grad_clip"], world=run.world)
+    next_batch = make_batch_fn(run)
+
+    resume_cmd = f"python -m fastdiff.train --resume {run.run_dir}"
+    sample_cmd = (f"python -m fastdiff.sample --ckpt {run.run_dir} --n 50000 "
+                  f"--out {os.path.join(run.run_dir, 'samples')}")
+    run.log(f"run directory: {run.run_dir}\n  data {cfg['data']} {len(run.dataset)} x {run.shape}, "
+            f"{cfg['objective']} (ref size {cfg['ref_size'] * run.world if run.stf else 1}), "
+            f"{cfg['model']}/{cfg['preset']} {sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M params, "
+            f"{run.device}, {'compiled' if cfg['compile'] else 'eager'}, {cfg['precision']}, "
+            f"{run.world} process(es)"
+            f"{f', {torch.get_num_threads()} thread(s)' if run.device.type == 'cpu' else ''}\n"
+            f"  resume: {resume_cmd}\n  sample: {sample_cmd}")
     from tqdm import tqdm
     # Redirected to a log file (a cluster job), the bar updates every 30 s instead of 10 times a second.
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank != 0,
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True, disable=run.rank != 0,
                smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 30.0)
-    loss_sum = torch.zeros((), device=device)
-    n_sum, t_last, last_good = 0, time.perf_counter(), None
-    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+    loss_sum = torch.zeros((), device=run.device)
+    n_sum, t_last = 0, time.perf_counter()
+    ema_params, net_params = list(run.ema.parameters()), list(run.net.parameters())
     kill_at, nan_at = _fault("kill"), _fault("nan")
-    while step < total_steps:
-        if step == kill_at:
+    while run.step < run.total_steps:
+        if run.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         y, extra = next_batch()
-        lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
-        loss, stats = train_step(y, extra, lr, poison=step == nan_at)
-        step += 1
-        nimg = step * images_per_step
-        halflife = min(cfg["ema"], nimg * cfg["ema_rampup"]) if cfg["ema_rampup"] else cfg["ema"]
-        beta = 0.5 ** (images_per_step / max(halflife, 1e-8))
-        torch._foreach_lerp_(ema_params, net_params, 1 - beta)
-        for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-            b_ema.copy_(b_net)
+        lr = cfg["lr"] * min(1.0, (run.step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
+        loss, stats = train_step(y, extra, lr, poison=run.step == nan_at)
+        run.step += 1
+        _update_ema(run, ema_params, net_params)
         loss_sum += loss.detach().float()
         n_sum += 1
         bar.update(1)
 
-        done = step == total_steps
+        step, done = run.step, run.step == run.total_steps
         if step % cfg["log_every"] == 0 or step % cfg["ckpt_every"] == 0 or done:
-            mean_loss = (loss_sum / n_sum).item()   # the one host sync, every log_every steps
-            if world > 1:
-                t = torch.tensor([mean_loss], device=device)
-                torch.distributed.all_reduce(t)
-                mean_loss = t.item() / world
-            now = time.perf_counter()
-            ips = n_sum * images_per_step / (now - t_last)
-            if not math.isfinite(mean_loss):
-                bar.close()
-                msg = (f"loss became {mean_loss} between steps {step - n_sum} and {step}; stopping. "
-                       + (f"Last good checkpoint: {last_good}" if last_good else "No checkpoint was written.")
-                       + " Lower --lr, raise --warmup or set --grad-clip, then resume from the checkpoint.")
-                raise FloatingPointError(msg)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
-            if rank == 0:
-                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, "kimg": nimg / 1000, "loss": mean_loss, "lr": lr,
-                                        "images_per_s": ips, "time": time.time()}) + "\n")
+            _log_progress(run, loss_sum, n_sum, time.perf_counter() - t_last, lr, bar)
             loss_sum.zero_()
             n_sum, t_last = 0, time.perf_counter()
         if step % cfg["ckpt_every"] == 0 or done:
             finite = torch.stack([p.isfinite().all() for p in net_params]).all()
             if not bool(finite):
                 raise FloatingPointError(f"parameters became non-finite by step {step}; stopping. Last good "
-                                         f"checkpoint: {last_good}")
-            last_good = save_checkpoint() or last_good
+                                         f"checkpoint: {run.last_good}")
+            run.last_good = save_checkpoint(run) or run.last_good
         if (cfg["sample_every"] and step % cfg["sample_every"] == 0) or (cfg["fid_every"] > 0 and
                                                                          step % cfg["fid_every"] == 0) or done:
-            record = evaluate(final=done)
+            record = evaluate(run, final=done)
             if record:
                 bar.write(f"step {step}: samples {record['samples']}" + "".join(
                     f", {k} {v:.2f}" for k, v in record.items() if k.startswith("fid")))
     bar.close()
-    log(f"done: {run_dir}\n  resume: {resume_cmd} --steps N\n  sample: {sample_cmd}")
-    if world > 1:
+    run.log(f"done: {run.run_dir}\n  resume: {resume_cmd} --steps N\n  sample: {sample_cmd}")
+    if run.world > 1:
         # Ranks other than 0 wait here while rank 0 samples, so that no rank tears its
         # process group down under another's feet; main() then destroys it.
         torch.distributed.barrier()
-    return run_dir
+    return run.run_dir
 
 
 def _gather_rows(rows: torch.Tensor, counts: list, device) -> torch.Tensor | None:
