@@ -68,12 +68,35 @@ class ConfigError(ValueError):
 # under the same values. The rest (length, logging, device, compile) may change.
 IDENTITY = ("data", "resolution", "xflip", "objective", "ref_size", "process", "param", "weighting", "density",
             "sigma_data", "model", "preset", "batch", "lr", "warmup", "ema", "ema_rampup", "grad_clip",
-            "precision", "seed")
+            "precision", "seed", "ref_sampling", "ref_neighbours", "cond", "label_dropout")
+
+
+def _ref_size(text: str):
+    """--ref-size: a positive integer or 'all'."""
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" once: not where the help already says what the default is, nor for None."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastdiff.diffusion.density import DENSITIES
+    from fastdiff.diffusion.parameterization import PARAMETERIZATIONS
+    from fastdiff.diffusion.processes import PROCESSES
+    from fastdiff.diffusion.weighting import WEIGHTING_ALIASES, WEIGHTINGS
     p = argparse.ArgumentParser(prog="python -m fastdiff.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--config", default=None, help="YAML or JSON file setting any option below (by its name, e.g. ref_size: 4096); "
                                      "options given on the command line win")
@@ -85,16 +108,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random horizontal flips (applied to the batch and the reference rows alike)")
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="stf", choices=["stf", "dsm"], help="Stable Target Field or plain DSM")
-    g.add_argument("--ref-size", type=int, default=1024,
-                   help="STF reference batch per process: the mini-batch plus ref_size - batch uniform draws")
+    g.add_argument("--ref-size", type=_ref_size, default=1024,
+                   help="STF reference batch per process (see --ref-sampling), or 'all': the whole training set "
+                        "every step, held on the device once (under torchrun 1/world of it per rank), the empirical "
+                        "posterior mean with zero target variance. With --xflip the set holds every image and its "
+                        "mirror image (2N rows): the distribution the network is trained on")
+    g.add_argument("--ref-sampling", default="uniform", choices=["uniform", "neighbours"],
+                   help="uniform: the mini-batch plus ref_size - batch uniform draws with replacement (the paper); "
+                        "neighbours: each batch row's source and its --ref-neighbours nearest training samples "
+                        "(weight 1) plus uniform draws without replacement from the rest, Horvitz-Thompson "
+                        "weighted: a consistent estimate of --ref-size all's target (fastdiff.refsets)")
+    g.add_argument("--ref-neighbours", type=int, default=8,
+                   help="K for --ref-sampling neighbours (an exact k-NN table, cached in the run directory)")
+    g.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False,
+                   help="class-conditional training with the data's labels (a class embedding in the network; "
+                        "each row's STF target averages over its own class)")
+    g.add_argument("--label-dropout", type=float, default=0.0,
+                   help="with --cond: this fraction of every batch (round(p * batch) rows) is trained "
+                        "unconditionally (null class, STF over every class), for classifier-free guidance")
     g.add_argument("--ref-dist", default="shard", choices=["shard", "gather"],
                    help="under torchrun: keep every rank's reference rows where they are and combine per-rank "
                         "partial targets by their log-sum-exps (shard), or all-gather the rows (gather); the same "
                         "target. shard measured 0.2-0.9x gather's time (see the module docstring)")
-    g.add_argument("--process", default="edm", help="ve | vp | vp_cosine | edm")
-    g.add_argument("--param", default="edm", help="network parameterization: edm | eps | x0 | v | score")
-    g.add_argument("--weighting", default="edm", help="loss weighting w(lambda), see fastdiff.diffusion")
-    g.add_argument("--density", default="lognormal", help="training noise density p(lambda), incl. adaptive")
+    g.add_argument("--process", default="edm", choices=sorted(PROCESSES), help="noise process sigma(t), alpha(t)")
+    g.add_argument("--param", default="edm", choices=sorted(PARAMETERIZATIONS),
+                   help="network parameterization (edm/vp/ve/iddpm: EDM's preconditioned forms)")
+    g.add_argument("--weighting", default="edm", choices=sorted([*WEIGHTINGS, *WEIGHTING_ALIASES]),
+                   help="loss weighting w(lambda) (fastdiff.diffusion.weighting; the README's \"The same loss "
+                        "as ...\" table maps other libraries' names)")
+    g.add_argument("--density", default="lognormal", choices=sorted(DENSITIES),
+                   help="training noise density p(lambda); adaptive: Kingma & Gao's learned density")
     g.add_argument("--sigma-data", type=float, default=0.5, help="data standard deviation for preconditioning")
     g = p.add_argument_group("network")
     g.add_argument("--model", default="unet", choices=list(MODELS), help="U-Net for images, MLP for vectors")
@@ -104,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=128, help="mini-batch per process")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate after warmup")
     g.add_argument("--warmup", type=int, default=200, help="linear learning-rate warmup, steps")
-    g.add_argument("--steps", type=int, default=800, help="training steps (ignored if --kimg is given)")
-    g.add_argument("--kimg", type=float, default=None, help="training length in thousands of images (all ranks)")
+    g.add_argument("--steps", type=int, default=800,
+                   help="the run's total length in steps, counted from step 0 (a resume continues up to it; give "
+                        "a larger value to extend a finished run); ignored if --kimg is given")
+    g.add_argument("--kimg", type=float, default=None,
+                   help="the run's total length in thousands of images (all ranks), instead of --steps")
     g.add_argument("--ema", type=float, default=500_000, help="EMA half-life in images")
     g.add_argument("--ema-rampup", type=float, default=0.05,
                    help="cap the EMA half-life at this fraction of the images seen so far (0: off)")
@@ -173,9 +219,20 @@ def parse_config(argv=None) -> tuple[dict, set]:
 def check_config(cfg: dict) -> None:
     """Stop on values that cannot work, before any data or model is built."""
     for key in ("batch", "ref_size", "steps", "log_every", "ckpt_every", "fid_samples", "sample_steps", "keep"):
-        if cfg[key] is not None and cfg[key] <= 0:
+        if cfg[key] is not None and cfg[key] != "all" and cfg[key] <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
-    if cfg["objective"] == "stf" and cfg["ref_size"] < cfg["batch"]:
+    if not 0 <= cfg["label_dropout"] < 1 or (cfg["label_dropout"] and not cfg["cond"]):
+        raise ConfigError(f"--label-dropout must be in [0, 1) and needs --cond, got {cfg['label_dropout']}")
+    if cfg["ref_size"] == "all" and cfg["ref_sampling"] != "uniform":
+        raise ConfigError("--ref-size all already holds every training sample: drop --ref-sampling neighbours")
+    if cfg["ref_sampling"] == "neighbours" and cfg["ref_size"] != "all" and \
+            cfg["ref_size"] <= cfg["batch"] * (cfg["ref_neighbours"] + 1):
+        raise ConfigError(f"--ref-size {cfg['ref_size']} must exceed --batch x (--ref-neighbours + 1) = "
+                          f"{cfg['batch'] * (cfg['ref_neighbours'] + 1)}: the neighbour union of a batch holds up "
+                          f"to that many rows and the uniform draws need room beside it")
+    if cfg["ref_neighbours"] < 1:
+        raise ConfigError(f"--ref-neighbours must be positive, got {cfg['ref_neighbours']}")
+    if cfg["objective"] == "stf" and cfg["ref_size"] != "all" and cfg["ref_size"] < cfg["batch"]:
         raise ConfigError(f"--ref-size {cfg['ref_size']} is smaller than --batch {cfg['batch']}: STF's reference "
                           f"batch holds the mini-batch itself plus ref_size - batch further samples")
     presets = UNET_PRESETS if cfg["model"] == "unet" else MLP_PRESETS
@@ -235,21 +292,29 @@ def _new_run_dir(cfg: dict) -> str:
         return run_dir
     data = os.path.basename(os.path.normpath(cfg["data"])).split(".")[0] or "data"
     ids = [int(d[:5]) for d in os.listdir(cfg["out"]) if d[:5].isdigit()]
-    return os.path.join(cfg["out"], f"{max(ids, default=-1) + 1:05d}-{data}-{cfg['objective']}-{cfg['model']}"
-                                    f"-{cfg['preset']}")
+    # Every choice that tells runs apart at a glance: data, objective, weighting, density, network.
+    return os.path.join(cfg["out"], f"{max(ids, default=-1) + 1:05d}-{data}-{cfg['objective']}-{cfg['weighting']}"
+                                    f"-{cfg['density']}-{cfg['model']}-{cfg['preset']}")
 
 
 @torch.no_grad()
 def generate(obj, net, shape, n: int, *, seed: int, steps: int, device, batch: int = 500, sampler: str = "heun",
-             progress: bool = False):
+             progress: bool = False, class_labels: torch.Tensor | None = None, guidance: float = 1.0):
     """Yields batches of samples (on the CPU, in [-1, 1]) from net with fastdiff.sample; the
-    training RNG is left untouched."""
+    training RNG is left untouched. A class-conditional net samples class_labels (n,) (default:
+    classes 0, 1, ... in turn), with classifier-free guidance (fastdiff.nn.Guided)."""
+    from fastdiff.nn import Guided
     from fastdiff.sampling import sample
     gen = torch.Generator(device).manual_seed(seed)
     denoiser = obj.denoiser(net)
+    classes = getattr(net, "num_classes", 0)
+    if classes and class_labels is None:
+        class_labels = torch.arange(n) % classes
     lo, hi = max(getattr(denoiser, "sigma_min", 0.002), 0.002), min(getattr(denoiser, "sigma_max", 80.0), 80.0)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i in range(0, n, batch):
+            if classes:
+                denoiser = obj.denoiser(Guided(net, class_labels[i:i + batch].to(device), guidance))
             yield sample(denoiser, (min(batch, n - i), *shape), sampler=sampler, steps=steps, sigma_min=lo,
                          sigma_max=hi, generator=gen, device=device, progress=progress).float().clamp(-1, 1).cpu()
 
@@ -259,7 +324,8 @@ def load_for_sampling(path: str, device) -> tuple[dict, torch.nn.Module, torch.n
     path = ckpt_io.resolve(path)
     state = ckpt_io.load(path)
     cfg = state["config"]
-    net = build_net(cfg["model"], cfg["preset"], tuple(state["data"]["shape"]))
+    net = build_net(cfg["model"], cfg["preset"], tuple(state["data"]["shape"]),
+                    num_classes=state["data"].get("classes", 0))
     obj = _make_objective(cfg)
     try:
         net.load_state_dict(state["ema"])
@@ -276,23 +342,24 @@ def make_step(model, obj, opt, *, device, bf16: bool, compile: bool, grad_clip: 
     params = [p for group in opt.param_groups for p in group["params"]]
     obj_params = list(obj.parameters())
 
-    def loss_fn(y, extra_ref):
+    def loss_fn(y, extra_ref, refs):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return obj(model, y, extra_ref)
+            return obj(model, y, extra_ref, **refs)
 
     fn = {"loss": torch.compile(loss_fn, fullgraph=world == 1) if compile else loss_fn, "first": True}
 
-    def step(y, extra_ref, lr: float, poison: bool = False):
+    def step(y, extra_ref, lr: float, poison: bool = False, refs: dict | None = None):
+        refs = refs or {}
         for group in opt.param_groups:
             group["lr"] = lr
         try:
-            loss, stats = fn["loss"](y, extra_ref)
+            loss, stats = fn["loss"](y, extra_ref, refs)
         except Exception as e:  # an unusable compiler shows up on the first call
             if fn["loss"] is loss_fn or not fn["first"]:
                 raise
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); running the step eagerly")
             fn["loss"] = loss_fn
-            loss, stats = loss_fn(y, extra_ref)
+            loss, stats = loss_fn(y, extra_ref, refs)
         fn["first"] = False
         if poison:                               # test hook, see _fault
             loss = loss * float("nan")
@@ -417,12 +484,13 @@ def setup_run(cfg: dict, explicit: set) -> Run:
     if cfg["model"] == "unet" and len(shape) == 1:
         raise ConfigError(f"--data {cfg['data']} is vector data of shape {shape}: use --model mlp")
     torch.manual_seed(cfg["seed"])           # the same initial network on every rank
+    classes = len(dataset.classes) if cfg.get("cond") and dataset.require_labels() is not None else 0
     try:
-        net = build_net(cfg["model"], cfg["preset"], shape)
+        net = build_net(cfg["model"], cfg["preset"], shape, num_classes=classes)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     obj = _make_objective(cfg)
-    data_info = {"n": len(dataset), "shape": list(shape)}
+    data_info = {"n": len(dataset), "shape": list(shape), **({"classes": classes} if classes else {})}
     if resume is not None and resume["data"] != data_info:
         raise ConfigError(f"the checkpoint was trained on data {resume['data']}, --data {cfg['data']} gives "
                           f"{data_info}")
@@ -473,11 +541,70 @@ def _restore(run: Run, resume: dict) -> None:
         _set_rng_state(states[run.rank], run.device, run.sampler)
 
 
+def _ref_size_text(run: Run) -> str:
+    cfg = run.cfg
+    if not run.stf:
+        return "1"
+    if cfg["ref_size"] == "all":
+        return f"all: {len(run.dataset) * (2 if run.dataset.xflip else 1)}"
+    return f"{cfg['ref_size'] * run.world}{', neighbours' if cfg['ref_sampling'] == 'neighbours' else ''}"
+
+
+def _refs_fn(run: Run, to_device):
+    """next_refs(idx, flip) -> the objective's reference keywords (ref, ref_logw, labels, ref_labels,
+    n_uncond) from fastdiff.refsets, or None for the paper's uniform draws without classes (the
+    objective then takes the draws as extra_ref beside the batch)."""
+    cfg, world, rank = run.cfg, run.world, run.rank
+    cond = bool(cfg.get("cond"))
+    ref_size, sampling = cfg["ref_size"], cfg.get("ref_sampling", "uniform")
+    if not cond and (not run.stf or (ref_size != "all" and sampling == "uniform")):
+        return None
+    from fastdiff import refsets
+    labels = run.dataset.require_labels() if cond else None
+    n_uncond = round(cfg.get("label_dropout", 0.0) * cfg["batch"]) if cond else 0
+    if not run.stf:
+        return lambda idx, flip: {"labels": labels[to_device(idx)], "n_uncond": n_uncond}
+    # Under --ref-dist gather every rank holds (or gathers) the whole reference set; under shard
+    # each rank keeps its own and stf_target_sharded combines them.
+    whole = ref_size == "all" and not run.shard
+    barrier = torch.distributed.barrier if world > 1 else None
+    refs = refsets.make_refset(sampling, run.dataset, run.sampler, batch=cfg["batch"], ref_size=ref_size,
+                               neighbours=cfg.get("ref_neighbours", 0), cond=cond, rank=0 if whole else rank,
+                               world=1 if whole else world, run_dir=run.run_dir, barrier=barrier, log=run.log)
+    gather = world > 1 and not run.shard and ref_size != "all"
+
+    def next_refs(idx, flip):
+        r = refs(idx, flip)
+        parts = dict(ref=r.ref, ref_logw=r.ref_logw, ref_labels=r.ref_labels)
+        if gather:      # every rank's reference rows, this rank's first (see the module docstring)
+            for key, t in parts.items():
+                if t is not None:
+                    every = [torch.empty_like(t) for _ in range(world)]
+                    torch.distributed.all_gather(every, t)
+                    parts[key] = torch.cat([every[rank]] + [every[q] for q in range(world) if q != rank])
+        out = {k: v for k, v in parts.items() if v is not None}
+        if cond:
+            out.update(labels=labels[to_device(idx)], n_uncond=n_uncond)
+        return out
+
+    return next_refs
+
+
 def make_batch_fn(run: Run):
-    """next_batch() -> (y, extra_ref): this rank's mini-batch and the STF reference rows beyond it."""
+    """next_batch() -> (y, extra_ref, refs): this rank's mini-batch, the STF reference rows beyond it
+    (the paper's uniform draws) and the objective's reference keywords (fastdiff.refsets: the whole
+    set, neighbours, classes; {} for the paper's uniform draws)."""
     device, world, rank, dataset, sampler = run.device, run.world, run.rank, run.dataset, run.sampler
-    n_extra = run.cfg["ref_size"] - run.cfg["batch"] if run.stf else 0
     gather = world > 1 and run.stf and not run.shard
+
+    def to_device(t):
+        # Pinned + non_blocking: a pageable host-to-device copy would synchronize the stream.
+        if t is None or device.type != "cuda":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+
+    next_refs = _refs_fn(run, to_device)
+    n_extra = run.cfg["ref_size"] - run.cfg["batch"] if run.stf and next_refs is None else 0
 
     def to_device(t):
         # Pinned + non_blocking: a pageable host-to-device copy would synchronize the stream.
@@ -488,6 +615,8 @@ def make_batch_fn(run: Run):
     def next_batch():
         idx, flip = sampler.next_batch()
         y = dataset.get(to_device(idx), to_device(flip))
+        if next_refs is not None:
+            return y, None, next_refs(idx, flip)
         extra = None
         if n_extra > 0:
             ridx, rflip = sampler.ref_rows(n_extra)
@@ -502,7 +631,7 @@ def make_batch_fn(run: Run):
                 torch.distributed.all_gather(extras, extra)
                 parts += extras
             extra = torch.cat(parts)
-        return y, extra
+        return y, extra, {}
 
     return next_batch
 
@@ -614,6 +743,15 @@ def _update_ema(run: Run, ema_params: list, net_params: list) -> None:
         b_ema.copy_(b_net)
 
 
+def _commands(run: Run) -> tuple[str, str]:
+    """The commands printed for continuing the run and sampling from it. The sample count suits the
+    device: 50,000 (the usual FID size) on a GPU, 5,000 on a CPU, where 50,000 images take ~30 minutes
+    even for the tiny digits network."""
+    n = 50_000 if run.device.type == "cuda" else 5_000
+    return (f"python -m fastdiff.train --resume {run.run_dir}",
+            f"python -m fastdiff.sample --ckpt {run.run_dir} --n {n} --out {os.path.join(run.run_dir, 'samples')}")
+
+
 def training_loop(cfg: dict, explicit: set) -> str:
     """Set up, then step until the run's total, logging, checkpointing and evaluating on the way."""
     run = setup_run(cfg, explicit)
@@ -629,11 +767,14 @@ def training_loop(cfg: dict, explicit: set) -> str:
                            compile=cfg["compile"], grad_clip=cfg["grad_clip"], world=run.world)
     next_batch = make_batch_fn(run)
 
-    resume_cmd = f"python -m fastdiff.train --resume {run.run_dir}"
-    sample_cmd = (f"python -m fastdiff.sample --ckpt {run.run_dir} --n 50000 "
-                  f"--out {os.path.join(run.run_dir, 'samples')}")
+    resume_cmd, sample_cmd = _commands(run)
+    if run.step >= run.total_steps:
+        run.log(f"{run.run_dir} is finished: it is at step {run.step} of its total of {run.total_steps}, so there "
+                f"is nothing to do. --steps is the run's total length: to train longer, resume it with a larger "
+                f"total, e.g.\n  {resume_cmd} --steps {2 * run.total_steps}\n  sample: {sample_cmd}")
+        return run.run_dir
     run.log(f"run directory: {run.run_dir}\n  data {cfg['data']} {len(run.dataset)} x {run.shape}, "
-            f"{cfg['objective']} (ref size {cfg['ref_size'] * run.world if run.stf else 1}), "
+            f"{cfg['objective']} (ref size {_ref_size_text(run)}), "
             f"{cfg['model']}/{cfg['preset']} {sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M params, "
             f"{run.device}, {'compiled' if cfg['compile'] else 'eager'}, {cfg['precision']}, "
             f"{run.world} process(es)"
@@ -650,9 +791,9 @@ def training_loop(cfg: dict, explicit: set) -> str:
     while run.step < run.total_steps:
         if run.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        y, extra = next_batch()
+        y, extra, refs = next_batch()
         lr = cfg["lr"] * min(1.0, (run.step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
-        loss, stats = train_step(y, extra, lr, poison=run.step == nan_at)
+        loss, stats = train_step(y, extra, lr, poison=run.step == nan_at, refs=refs)
         run.step += 1
         _update_ema(run, ema_params, net_params)
         loss_sum += loss.detach().float()
@@ -677,7 +818,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
                 bar.write(f"step {step}: samples {record['samples']}" + "".join(
                     f", {k} {v:.2f}" for k, v in record.items() if k.startswith("fid")))
     bar.close()
-    run.log(f"done: {run.run_dir}\n  resume: {resume_cmd} --steps N\n  sample: {sample_cmd}")
+    run.log(f"done: {run.run_dir}\n  train longer (--steps is the new total, now {run.total_steps}): "
+            f"{resume_cmd} --steps {2 * run.total_steps}\n  sample: {sample_cmd}")
     if run.world > 1:
         # Ranks other than 0 wait here while rank 0 samples, so that no rank tears its
         # process group down under another's feet; main() then destroys it.

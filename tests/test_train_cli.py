@@ -1,0 +1,70 @@
+"""The training CLI as a newcomer meets it: --help, run names, finished runs, printed commands."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from fastdiff.diffusion.density import DENSITIES
+from fastdiff.diffusion.weighting import WEIGHTINGS
+from fastdiff.train import build_parser, main
+
+GMM = ["--data", "gmm", "--model", "mlp", "--preset", "tiny", "--batch", "16", "--ref-size", "32", "--fid-every", "-1",
+       "--sample-steps", "2", "--log-every", "1", "--warmup", "1", "--device", "cpu", "--no-compile"]
+
+
+def test_help_shows_each_default_once_and_lists_choices():
+    text = build_parser().format_help()
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat
+    assert not re.search(r"\(default: [^)]*\) \(default:", flat)
+    for option, names in (("--weighting", WEIGHTINGS), ("--density", DENSITIES)):
+        line = next(x for x in text.splitlines() if x.strip().startswith(option))
+        assert all(name in line for name in names), line
+    assert "uniform" in text and "x0_mse" in text
+    assert "total length" in flat           # --steps is the total, not additional steps
+
+
+def test_unknown_choice_is_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--weighting", "bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--weighting" in err and "sigmoid" in err
+
+
+def test_run_name_tells_weighting_and_density_apart(tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    assert main([*GMM, "--steps", "1", "--out", out]) == 0
+    assert main([*GMM, "--steps", "1", "--out", out, "--weighting", "sigmoid", "--density", "uniform"]) == 0
+    names = sorted(os.listdir(out))
+    assert names[0].startswith("00000-gmm-stf-edm-lognormal-mlp-tiny"), names
+    assert names[1].startswith("00001-gmm-stf-sigmoid-uniform-mlp-tiny"), names
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    assert main([*GMM, "--steps", "2", "--out", out, "--name", "f"]) == 0
+    printed = capsys.readouterr().out
+    assert "--steps 4" in printed and "new total" in printed
+    run = os.path.join(out, "f")
+    before = sorted(os.listdir(run))
+    assert main(["--resume", run]) == 0
+    printed = capsys.readouterr().out
+    assert "is finished" in printed and "step 2 of its total of 2" in printed and f"--resume {run} --steps 4" in printed
+    assert sorted(os.listdir(run)) == before            # nothing written
+    assert main(["--resume", run, "--steps", "3"]) == 0  # a larger total extends it
+    assert os.path.exists(os.path.join(run, "checkpoint-0000003.pt"))
+
+
+def test_printed_sample_command_suits_the_cpu(tmp_path, capsys):
+    assert main([*GMM, "--steps", "1", "--out", str(tmp_path / "runs")]) == 0
+    printed = capsys.readouterr().out
+    assert "--n 5000 " in printed and "--n 50000" not in printed
+
+
+def test_readme_gives_a_cpu_only_install():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    quick = readme[readme.index("## Quick start"):readme.index("## The STF target")]
+    assert "whl/cpu" in quick and "FASTDIFF_NO_CUDA=1" in quick     # no 5.7 GB CUDA torch, no sm_90 build
