@@ -2,7 +2,9 @@
 
 Objectives sample lam ~ p and weight each sample by w(lam) / p(lam), so the
 density changes only the variance of the loss estimate, never its expectation
-(Kingma & Gao 2023, Sec. 4). Every density is restricted to the process's range
+(Kingma & Gao 2023, Sec. 4); with make_objective(..., importance_weighted=False) the
+weight is w(lam) alone, as in diffusers and k-diffusion, and the density becomes part
+of the objective (K&G weighting w p). Every density is restricted to the process's range
 [lam_min, lam_max] and normalized there; sampling and log_prob run in float64
 on the device (B scalars per step, no host sync).
 

@@ -14,6 +14,9 @@ One training step, all in VE form (x_ve = y + sigma n, sigma = exp(-lam / 2)):
 so the expectation is K&G's weighted loss (times 2/D) whatever the density and
 parameterization, and STF only replaces y by the lower-variance target. With
 the learned (EDM2) weighting, per-sample loss -> loss / e^u + u.
+With importance_weighted=False the factor 1 / p(lam) is dropped: per-sample loss
+w(lam) * mean_d (eps_hat - eps*)^2, the K&G weighting w * p (how diffusers,
+k-diffusion and EDM write their losses).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ class Objective(nn.Module):
                  density="lognormal", sigma_data: float = 0.5, *, stf_precision: str = "highest",
                  stf_backend: str = "auto", loss_backend: str = "auto", process_kwargs: dict | None = None,
                  param_kwargs: dict | None = None, weighting_kwargs: dict | None = None,
-                 density_kwargs: dict | None = None, stf_target_fn=None):
+                 density_kwargs: dict | None = None, stf_target_fn=None, importance_weighted: bool = True):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -61,6 +64,14 @@ class Objective(nn.Module):
                 (self.process.lam_min, self.process.lam_max):
             raise ValueError("density was built for a different process (its lam range differs)")
         self.stf_precision, self.stf_backend, self.loss_backend = stf_precision, stf_backend, loss_backend
+        if not isinstance(importance_weighted, bool):
+            raise ValueError(f"importance_weighted must be True or False, got {importance_weighted!r}")
+        if not importance_weighted and getattr(self.density, "adaptive", False):
+            raise ValueError("importance_weighted=False makes the density part of the objective, so an adaptive "
+                             "density would change what is trained; use importance_weighted=True with it")
+        # True: per-sample weight w / p (K&G; p changes only the variance). False: w alone, the
+        # convention of diffusers, k-diffusion and EDM (their K&G weighting is w * p).
+        self.importance_weighted = importance_weighted
         # Computes the STF target in place of fastdiff.stf_target (same signature), e.g.
         # partial(fastdiff.distributed.stf_target_sharded, group=...) when ref is this rank's shard.
         self.stf_target_fn = stf_target_fn
@@ -70,13 +81,19 @@ class Objective(nn.Module):
 
     # ------------------------------------------------------------------ training step
     def forward(self, net, y: torch.Tensor, extra_ref: torch.Tensor | None = None,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None, *, lam: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None):
         """Returns (loss, stats) for the clean batch y (B, *S).
+
+        lam (B,) and noise (y's shape), when given, replace the draws from the density and
+        the standard normal: to evaluate the loss at chosen noise levels, or on another
+        library's draws (tests/test_loss_equivalents.py).
 
         stats (detached, on y's device, no host sync):
           per_sample (B,)  each sample's term of the loss (loss = its mean)
           lam, sigma (B,)  log-SNR and VE noise level
           weight (B,)      the weight on mean_d (F - F*)^2: w/p (c_out/sigma)^2 [e^-u]
+                           (w (c_out/sigma)^2 [e^-u] with importance_weighted=False)
           w, log_p (B,)    the weighting and the density's log p(lam)
           eps_loss (B,)    unweighted mean_d (eps_hat - eps*)^2
           integrand (B,)   w(lam) [e^-u] eps_loss: what the adaptive density tracks
@@ -97,14 +114,28 @@ class Objective(nn.Module):
         elif extra_ref is not None:
             raise ValueError("extra_ref is only used by the 'stf' objective")
 
-        lam64, logp64 = self.density.sample(B, generator=generator, device=dev, return_log_prob=True)
+        if lam is None:
+            lam64, logp64 = self.density.sample(B, generator=generator, device=dev, return_log_prob=True)
+        else:
+            if not isinstance(lam, torch.Tensor) or not lam.is_floating_point() or tuple(lam.shape) != (B,):
+                raise ValueError(f"lam must be a floating tensor of shape ({B},), got "
+                                 f"{getattr(lam, 'shape', type(lam).__name__)}")
+            lam64 = lam.to(dev, torch.float64)
+            self.process.t_of_lambda(lam64)           # raises if lam leaves the process's range
+            logp64 = self.density.log_prob(lam64)
         sigma64 = torch.exp(-0.5 * lam64)
         w64 = self.weighting(lam64)
         c_skip, c_out, c_in, c_noise = self.param.precond(sigma64)
-        weight64 = w64 * torch.exp(-logp64) * (c_out / sigma64) ** 2
+        weight64 = (w64 * torch.exp(-logp64) if self.importance_weighted else w64) * (c_out / sigma64) ** 2
 
         sigma = sigma64.to(dt)
-        noise = torch.randn(y.shape, generator=generator, device=dev, dtype=dt)
+        if noise is None:
+            noise = torch.randn(y.shape, generator=generator, device=dev, dtype=dt)
+        elif isinstance(noise, torch.Tensor) and noise.shape == y.shape and noise.device == dev:
+            noise = noise.to(dt)
+        else:
+            raise ValueError(f"noise must be a tensor of y's shape {tuple(y.shape)} on {dev}, got "
+                             f"{getattr(noise, 'shape', type(noise).__name__)}")
         x = y + _bcast(sigma, y) * noise
         if self.objective == "stf":
             target_fn = self.stf_target_fn or fastdiff.stf_target
@@ -173,8 +204,9 @@ def make_objective(objective: str = "stf", process="edm", param="edm", weighting
         objective: "stf" or "dsm".
         process: "ve" | "vp" | "vp_cosine" | "edm" or a Process.
         param: "eps" | "x0" | "v" | "score" | "edm" | "vp" | "ve" | "iddpm" or a Parameterization.
-        weighting: "elbo" | "uniform" | "edm" | "snr" | "min_snr" | "soft_min_snr" | "sigmoid" |
-            "edm_monotone" | "learned" or a Weighting.
+        weighting: "elbo" (= "uniform" = "eps_mse") | "x0_mse" | "v_mse" | "score_mse" (old name
+            "snr") | "karras" | "edm" | "min_snr" | "soft_min_snr" | "sigmoid" | "edm_monotone" |
+            "learned" or a Weighting (see fastdiff.diffusion.weighting).
         density: "uniform" | "uniform_lambda" | "lognormal" | "logit_normal" | "cosine" |
             "cosine_interpolated" | "adaptive" or a Density.
         sigma_data: data std used by the EDM process, preconditioning and weightings.
@@ -184,10 +216,13 @@ def make_objective(objective: str = "stf", process="edm", param="edm", weighting
             density_kwargs={"P_mean": -1.2, "P_std": 1.2}, weighting_kwargs={"b": 2.0}),
             stf_target_fn (called as fastdiff.stf_target is, in its place: e.g.
             fastdiff.distributed.stf_target_sharded when extra_ref is this rank's shard of a
-            reference batch spread over processes).
+            reference batch spread over processes), importance_weighted (default True: the
+            per-sample weight is w(lam) / p(lam), so the density changes only the variance;
+            False: w(lam) alone, as diffusers, k-diffusion and EDM weight their losses, so the
+            density is part of the objective; the README's "The same loss as ..." table).
     """
     allowed = {"stf_precision", "stf_backend", "loss_backend", "process_kwargs", "param_kwargs",
-               "weighting_kwargs", "density_kwargs", "stf_target_fn"}
+               "weighting_kwargs", "density_kwargs", "stf_target_fn", "importance_weighted"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; expected some of {sorted(allowed)}")

@@ -8,12 +8,32 @@ A diffusion objective is
 of the log-SNR lam = -2 log sigma_ve alone. With w non-increasing in lam
 (`is_monotone`), L_w is the ELBO of Gaussian-noise-augmented data.
 
-  "elbo"/"uniform"  w = 1                                          monotone
+diffusers, k-diffusion and EDM write their losses the other way: per sample
+w(lam) * loss, with lam drawn from their own density p, so their K&G weighting is
+w * p. make_objective(..., importance_weighted=False) uses that convention; the
+README's table "The same loss as ..." lists each published loss as a fastdiff
+(process, param, weighting, density), tested in tests/test_loss_equivalents.py.
+
+Every w is a weight on the eps-loss; names ending in _mse say which prediction's
+unweighted MSE the weighting makes (||pred_hat - pred||^2 = m(lam) ||eps_hat - eps||^2,
+m = parameterization.error_scale):
+
+  "elbo"/"uniform"/"eps_mse"  w = 1: the unweighted eps-loss (DDPM's L_simple;
+                    k-diffusion's "snr", which is SNR times the x0-loss)       monotone
+  "x0_mse"          w = e^-lam = 1/SNR: the unweighted x0-loss                    monotone
+  "v_mse"           w = 1 + e^-lam: the unweighted v-loss                         monotone
+  "score_mse"       w = e^lam = SNR: the unweighted loss of the VE score -eps/sigma
+                    (= SNR^2 times the x0-loss). Its old name "snr" still works;
+                    it is not k-diffusion's "snr" (use "eps_mse" for that)
+  "karras"          w = (e^-lam + sd^2) / sd^2: the unweighted loss of EDM's
+                    preconditioned output F, ||F - F*||^2 (k-diffusion's "karras";
+                    "v_mse" for sd = 1)                                          monotone
   "edm"             w = N(lam; -2 P_mean, (2 P_std)^2) (e^-lam + sd^2) / sd^2
-                    (EDM's lambda(sigma) and log-normal p(sigma) as one weighting)
-  "snr"             w = e^lam = SNR (as a weighting of the eps-loss)
-  "x0_mse"          w = e^-lam = 1/SNR: the unweighted x0-loss ||x0_hat - x0||^2       monotone
-  "min_snr"         w = min(1, gamma e^-lam) (Hang et al. 2023, on the eps-loss)   monotone
+                    (EDM's lambda(sigma) and log-normal p(sigma) as one weighting:
+                    "karras" times EDM's density)
+  "min_snr"         w = min(1, gamma e^-lam) = min(SNR, gamma) / SNR (Hang et al. 2023,
+                    on the eps-loss; diffusers' snr_gamma weight for eps and, through
+                    the v-loss's 1 + e^-lam, for v-prediction too)              monotone
   "soft_min_snr"    w = gamma / (gamma + e^lam) (Crowson et al. 2024; gamma = 1/sd^2
                     reproduces k-diffusion's soft-min-snr on EDM's preconditioned loss)   monotone
   "sigmoid"         w = sigmoid(b - lam) (K&G)                                      monotone
@@ -29,13 +49,14 @@ Weightings of other predictions' losses convert exactly with convert_weighting:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
 from fastdiff.diffusion.parameterization import PREDICTIONS, error_scale
 
-__all__ = ["Weighting", "get_weighting", "convert_weighting", "WEIGHTINGS", "LearnedWeighting"]
+__all__ = ["Weighting", "get_weighting", "convert_weighting", "WEIGHTINGS", "WEIGHTING_ALIASES", "LearnedWeighting"]
 
 
 class Weighting(nn.Module):
@@ -98,18 +119,37 @@ class EDMMonotoneWeighting(EDMWeighting):
         return super().w(torch.clamp(lam, min=self.lam_star))
 
 
-class SNRWeighting(Weighting):
-    name = "snr"
+class PredictionMSEWeighting(Weighting):
+    """w = error_scale(prediction): the unweighted MSE of that prediction (eps, x0, v or VE score)."""
+
+    def __init__(self, prediction: str):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
+        self.name = f"{prediction}_mse"
+        self.is_monotone = prediction != "score"
 
     def w(self, lam):
-        return torch.exp(lam)
+        return error_scale(self.prediction, lam)
 
 
-class X0MSEWeighting(Weighting):
-    name, is_monotone = "x0_mse", True
+class KarrasWeighting(Weighting):
+    """k-diffusion's "karras": the unweighted loss of EDM's preconditioned output F.
+
+    ||F - F*||^2 = (sigma / c_out)^2 ||eps_hat - eps||^2 with c_out = sigma sd / sqrt(sigma^2 + sd^2),
+    so w = (sigma^2 + sd^2) / sd^2 = (e^-lam + sd^2) / sd^2.
+    """
+    name, is_monotone = "karras", True
+
+    def __init__(self, sigma_data: float = 0.5):
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.sd2 = float(sigma_data) ** 2
 
     def w(self, lam):
-        return torch.exp(-lam)
+        return torch.exp(-lam) / self.sd2 + 1
 
 
 class MinSNRWeighting(Weighting):
@@ -185,22 +225,28 @@ class LearnedWeighting(Weighting):
 
 
 WEIGHTINGS = {
-    "elbo": ELBOWeighting, "uniform": ELBOWeighting, "edm": EDMWeighting, "snr": SNRWeighting, "x0_mse": X0MSEWeighting,
+    "elbo": ELBOWeighting, "uniform": ELBOWeighting, "eps_mse": ELBOWeighting, "edm": EDMWeighting,
+    "x0_mse": partial(PredictionMSEWeighting, "x0"), "v_mse": partial(PredictionMSEWeighting, "v"),
+    "score_mse": partial(PredictionMSEWeighting, "score"), "karras": KarrasWeighting,
     "min_snr": MinSNRWeighting, "soft_min_snr": SoftMinSNRWeighting, "sigmoid": SigmoidWeighting,
     "edm_monotone": EDMMonotoneWeighting, "learned": LearnedWeighting,
 }
-_SIGMA_DATA = ("edm", "edm_monotone", "soft_min_snr")
+# Old names kept working: "snr" was fastdiff's name for score_mse (w = SNR on the eps-loss),
+# which k-diffusion's "snr" is not (that one is eps_mse).
+WEIGHTING_ALIASES = {"snr": "score_mse"}
+_SIGMA_DATA = ("edm", "edm_monotone", "soft_min_snr", "karras")
 
 
 def get_weighting(name="edm", *, sigma_data: float | None = None, **kwargs) -> Weighting:
     """A weighting by name (see the module docstring) or an instance as is.
 
-    sigma_data is passed to the weightings that use it (edm, edm_monotone, soft_min_snr).
+    sigma_data is passed to the weightings that use it (edm, edm_monotone, soft_min_snr, karras).
     """
     if isinstance(name, Weighting):
         if kwargs:
             raise ValueError(f"weighting is already a Weighting instance; unexpected kwargs {sorted(kwargs)}")
         return name
+    name = WEIGHTING_ALIASES.get(name, name) if isinstance(name, str) else name
     if not isinstance(name, str) or name not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)} or a Weighting, got {name!r}")
     if sigma_data is not None and (name in _SIGMA_DATA or name == "learned"):
