@@ -68,7 +68,7 @@ class ConfigError(ValueError):
 # under the same values. The rest (length, logging, device, compile) may change.
 IDENTITY = ("data", "resolution", "xflip", "objective", "ref_size", "process", "param", "weighting", "density",
             "sigma_data", "model", "preset", "batch", "lr", "warmup", "ema", "ema_rampup", "grad_clip",
-            "precision", "seed", "ref_sampling", "ref_neighbours", "cond", "label_dropout")
+            "precision", "seed", "ref_sampling", "ref_neighbours", "cond", "label_dropout", "importance_weighting")
 
 
 def _ref_size(text: str):
@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "as ...\" table maps other libraries' names)")
     g.add_argument("--density", default="lognormal", choices=sorted(DENSITIES),
                    help="training noise density p(lambda); adaptive: Kingma & Gao's learned density")
+    g.add_argument("--importance-weighting", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight each sample by w(lambda) / p(lambda), Kingma & Gao's form, where the density only "
+                        "changes the variance; --no-importance-weighting weights by w(lambda) alone, as diffusers, "
+                        "k-diffusion and EDM do (the density is then part of the loss; not with --density adaptive)")
     g.add_argument("--sigma-data", type=float, default=0.5, help="data standard deviation for preconditioning")
     g = p.add_argument_group("network")
     g.add_argument("--model", default="unet", choices=list(MODELS), help="U-Net for images, MLP for vectors")
@@ -276,7 +280,8 @@ def _make_objective(cfg: dict):
     from fastdiff.diffusion import make_objective
     try:
         return make_objective(objective=cfg["objective"], process=cfg["process"], param=cfg["param"],
-                              weighting=cfg["weighting"], density=cfg["density"], sigma_data=cfg["sigma_data"])
+                              weighting=cfg["weighting"], density=cfg["density"], sigma_data=cfg["sigma_data"],
+                              importance_weighted=cfg.get("importance_weighting", True))
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"objective settings (--process {cfg['process']} --param {cfg['param']} --weighting "
                           f"{cfg['weighting']} --density {cfg['density']}): {e}") from None

@@ -68,3 +68,14 @@ def test_readme_gives_a_cpu_only_install():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     quick = readme[readme.index("## Quick start"):readme.index("## The STF target")]
     assert "whl/cpu" in quick and "FASTDIFF_NO_CUDA=1" in quick     # no 5.7 GB CUDA torch, no sm_90 build
+
+
+def test_no_importance_weighting_reaches_the_objective(tmp_path, capsys):
+    from fastdiff.train import load_for_sampling
+    out = str(tmp_path / "runs")
+    assert main([*GMM, "--steps", "1", "--out", out, "--name", "w", "--no-importance-weighting",
+                 "--weighting", "min_snr", "--density", "uniform", "--process", "vp", "--param", "eps"]) == 0
+    cfg, _, obj = load_for_sampling(os.path.join(out, "w"), "cpu")
+    assert cfg["importance_weighting"] is False and obj.importance_weighted is False
+    code = main([*GMM, "--steps", "1", "--out", out, "--no-importance-weighting", "--density", "adaptive"])
+    assert code == 2 and "adaptive" in capsys.readouterr().err
