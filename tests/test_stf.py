@@ -32,11 +32,13 @@ ROUNDING = {torch.float64: 0.0, torch.float32: 0.0, torch.bfloat16: 2.0, torch.f
 # oracle and helpers
 # ----------------------------------------------------------------------------
 
-def oracle(x: torch.Tensor, sigma, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def oracle(x: torch.Tensor, sigma, ref: torch.Tensor, labels=None, ref_labels=None,
+           ref_logw=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(t64, lse64): the STF target by direct differences, all in float64.
 
     x (B, D), ref (N, D), sigma a float or (B,). Rows of x in pieces so that
-    the B x N x D difference tensor stays small.
+    the B x N x D difference tensor stays small. labels / ref_labels /
+    ref_logw as for stf_target: + ref_logw_k, -inf across labels.
     """
     x64, r64 = x.detach().double().reshape(x.shape[0], -1), ref.detach().double().reshape(ref.shape[0], -1)
     s64 = torch.as_tensor(sigma, dtype=torch.float64).expand(x64.shape[0])
@@ -45,6 +47,10 @@ def oracle(x: torch.Tensor, sigma, ref: torch.Tensor) -> tuple[torch.Tensor, tor
     for i0 in range(0, x64.shape[0], step):
         d2 = ((x64[i0:i0 + step, None, :] - r64[None]) ** 2).sum(-1)
         logits = -d2 / (2 * s64[i0:i0 + step, None] ** 2)
+        if ref_logw is not None:
+            logits = logits + ref_logw.double()[None, :]
+        if labels is not None:
+            logits = logits.masked_fill(labels[i0:i0 + step, None] != ref_labels[None, :], -math.inf)
         ts.append(torch.softmax(logits, 1) @ r64)
         lses.append(torch.logsumexp(logits, 1))
     return torch.cat(ts), torch.cat(lses)
@@ -58,8 +64,8 @@ def row_err(t: torch.Tensor, t64: torch.Tensor, sigma) -> torch.Tensor:
     return (t.double().reshape(B, -1) - t64).norm(dim=1) / (s64 * math.sqrt(D))
 
 
-def assert_contract(t: torch.Tensor, x: torch.Tensor, sigma, ref: torch.Tensor) -> None:
-    t64, _ = oracle(x, sigma, ref)
+def assert_contract(t: torch.Tensor, x: torch.Tensor, sigma, ref: torch.Tensor, **terms) -> None:
+    t64, _ = oracle(x, sigma, ref, **terms)
     B, D = t64.shape
     s64 = torch.as_tensor(sigma, dtype=torch.float64).expand(B)
     rounding = (t64.to(t.dtype).double() - t64).norm(dim=1)
@@ -70,8 +76,8 @@ def assert_contract(t: torch.Tensor, x: torch.Tensor, sigma, ref: torch.Tensor) 
                               f"{row_err(t, t64, sigma)[bad[0]].item():.3g} (sigma {s64[bad[0]].item():.3g})")
 
 
-def assert_lse(lse: torch.Tensor, x, sigma, ref) -> None:
-    _, lse64 = oracle(x, sigma, ref)
+def assert_lse(lse: torch.Tensor, x, sigma, ref, **terms) -> None:
+    _, lse64 = oracle(x, sigma, ref, **terms)
     assert lse.dtype == torch.float64 and lse.shape == lse64.shape
     # The unflagged entries' GEMM error (what the flags bound, relative to sigma sqrt(D)) and
     # the float64 sums: well inside float32's own rounding (~6e-8 relative), the old output's.
@@ -90,8 +96,8 @@ def backend(request):
     return request.param
 
 
-def run(backend, x, sigma, ref):
-    return fastdiff.stf_target(x, sigma, ref, backend=backend, return_lse=True)
+def run(backend, x, sigma, ref, **terms):
+    return fastdiff.stf_target(x, sigma, ref, backend=backend, return_lse=True, **terms)
 
 
 def near_duplicate_case(B: int, N: int, D: int, sigma, *, dtype=torch.float32):
@@ -504,3 +510,386 @@ def test_dense_path_is_taken_at_moderate_sigma(monkeypatch):
     # the fp32 bound flags most entries; after the float64 GEMM none is left
     assert calls[0] > B * N // 2 and calls[-1] == 0, calls
     assert_contract(t, x, 10.0, ref)
+
+
+# ----------------------------------------------------------------------------
+# reference sets: labels / ref_labels and ref_logw (issue 13, item 1)
+# ----------------------------------------------------------------------------
+
+def terms_case(B: int, N: int, D: int, sigma, *, classes: int = 4, seed: int = 0, logw_scale: float = 3.0):
+    """x, sigma (B,), ref and the terms: near_duplicate_case's data (each source's near-duplicate
+    at distance ~sigma, which STF must tell apart at small sigma) with the near-duplicates
+    labelled with ANOTHER class than their source, so that labels change which one wins;
+    ref_logw spread over +-logw_scale with every 5th entry -inf (never a source's)."""
+    torch.manual_seed(seed)
+    x, s, ref = near_duplicate_case(B, N, D, sigma)
+    ref_labels = torch.randint(0, classes, (N,))
+    labels = ref_labels[torch.arange(B) % N].clone()
+    n_dup = min(B, N - B) if N > B else 0
+    ref_labels[B:B + n_dup] = (labels[:n_dup] + 1) % classes
+    ref_logw = logw_scale * torch.randn(N)
+    ref_logw[::5] = -math.inf
+    ref_logw[torch.arange(B) % N] = logw_scale * torch.randn(B)   # a row's own source stays live
+    return x, s, ref, dict(labels=labels, ref_labels=ref_labels, ref_logw=ref_logw)
+
+
+TERM_KINDS = {"labels": ("labels", "ref_labels"), "ref_logw": ("ref_logw",),
+              "both": ("labels", "ref_labels", "ref_logw")}
+
+
+def pick_terms(terms: dict, kind: str) -> dict:
+    return {k: terms[k] for k in TERM_KINDS[kind]}
+
+
+@pytest.mark.parametrize("kind", list(TERM_KINDS))
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_terms_sigma_sweep(backend, kind, sigma):
+    x, s, ref, terms = terms_case(16, 80, 256, sigma)
+    kw = pick_terms(terms, kind)
+    t, lse = run(backend, x, s, ref, **kw)
+    assert t.shape == x.shape and t.dtype == x.dtype
+    assert_contract(t, x, s, ref, **kw)
+    assert_lse(lse, x, s, ref, **kw)
+
+
+@pytest.mark.parametrize("kind", list(TERM_KINDS))
+def test_terms_mixed_sigma_many_chunks(backend, kind, monkeypatch):
+    """Mixed sigma, several chunks, and a class whose reference rows all sit in the last
+    chunk: its rows see only -inf logits in the first chunks (the online log-sum-exp
+    must not form exp(-inf - -inf))."""
+    B, N, D = 12, 160, 40
+    sig = torch.tensor([0.002, 0.002, 0.01, 0.05, 0.3, 1.0, 5.0, 80.0, 0.002, 0.5, 20.0, 0.02])
+    x, s, ref, terms = terms_case(B, N, D, sig, seed=1)
+    terms["ref_labels"][-16:] = 7                  # class 7 lives in the last chunk only
+    terms["labels"][:3] = 7
+    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * B * 16)  # 16 rows per chunk
+    kw = pick_terms(terms, kind)
+    t, lse = run(backend, x, s, ref, **kw)
+    assert torch.isfinite(t).all() and torch.isfinite(lse).all()
+    assert_contract(t, x, s, ref, **kw)
+    assert_lse(lse, x, s, ref, **kw)
+
+
+@pytest.mark.parametrize("B,N,D", [(1, 1, 1), (1, 5, 3), (3, 2, 10), (5, 17, 1), (7, 123, 47), (2, 31, 300)])
+@pytest.mark.parametrize("sigma", [0.002, 0.5, 80.0])
+def test_terms_ragged_sizes(backend, B, N, D, sigma):
+    x, s, ref, terms = terms_case(B, N, D, sigma, classes=2, seed=B * N + D)
+    t, lse = run(backend, x, s, ref, **terms)
+    assert_contract(t, x, s, ref, **terms)
+    assert_lse(lse, x, s, ref, **terms)
+
+
+@pytest.mark.parametrize("sigma", [0.002, 1.0, 80.0])
+def test_labels_with_one_member(backend, sigma):
+    """Each label has exactly one reference row: t_i is that row (exactly: one weight of 1)
+    and lse_i its logit plus its log-weight, whatever sigma."""
+    B, N, D = 6, 9, 20
+    ref = torch.rand(N, D) * 2 - 1
+    perm = torch.randperm(N)
+    ref_labels = perm.to(torch.int32)                # every label once
+    labels = ref_labels[[4, 0, 8, 4, 2, 7]]
+    x = ref[[4, 0, 8, 1, 2, 7]] + sigma * torch.randn(B, D)
+    ref_logw = torch.randn(N)
+    t, lse = run(backend, x, sigma, ref, labels=labels, ref_labels=ref_labels, ref_logw=ref_logw)
+    k = [4, 0, 8, 4, 2, 7]
+    torch.testing.assert_close(t, ref[k], rtol=0, atol=2e-7)
+    want = -((x.double() - ref[k].double()) ** 2).sum(1) / (2 * sigma ** 2) + ref_logw[k].double()
+    torch.testing.assert_close(lse, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0, 30.0])
+def test_terms_dense_rows(backend, sigma, monkeypatch):
+    """test_dense_rows's clusters with labels and log-weights: the float64-GEMM rows add b_ik too."""
+    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * 4 * 40)
+    B, per, D = 4, 60, 96
+    base = torch.rand(B, D) * 2 - 1
+    ref = base.repeat_interleave(per, 0) + sigma * 2.0 * torch.randn(B * per, D) / math.sqrt(D)
+    ref = torch.cat([ref, torch.rand(40, D) * 2 - 1])
+    x = base + sigma * torch.randn(B, D)
+    ref_labels = torch.arange(ref.shape[0]) % 3
+    labels = torch.tensor([0, 1, 2, 0])
+    ref_logw = torch.randn(ref.shape[0])
+    ref_logw[1::4] = -math.inf
+    kw = dict(labels=labels, ref_labels=ref_labels, ref_logw=ref_logw)
+    t, lse = run(backend, x, sigma, ref, **kw)
+    assert_contract(t, x, sigma, ref, **kw)
+    assert_lse(lse, x, sigma, ref, **kw)
+
+
+@pytest.mark.parametrize("sigma", [0.002, 5.0])
+def test_terms_poisoned_outputs(backend, sigma):
+    """The backend writes every element of its outputs with the terms too, and a row that no
+    reference row serves gets t = 0 and lse = -inf, never NaN (the kernel contract)."""
+    x, s, ref, terms = terms_case(7, 123, 47, sigma)
+    labels = terms["labels"].clone()
+    labels[3] = 99                                   # no reference row has label 99
+    _, impl = _dispatch.resolve("stf_target", backend, "cpu")
+    t = torch.full_like(x, float("nan"))
+    lse = torch.full((7,), float("nan"), dtype=torch.float64)
+    impl(x, s, ref, "highest", t, lse, labels=labels, ref_labels=terms["ref_labels"],
+         ref_logw=terms["ref_logw"].double())
+    assert torch.equal(t[3], torch.zeros(47)) and lse[3] == -math.inf
+    keep = [0, 1, 2, 4, 5, 6]
+    kw = dict(labels=labels[keep], ref_labels=terms["ref_labels"], ref_logw=terms["ref_logw"])
+    assert torch.isfinite(t[keep]).all() and torch.isfinite(lse[keep]).all()
+    assert_contract(t[keep], x[keep], s[keep], ref, **kw)
+    assert_lse(lse[keep], x[keep], s[keep], ref, **kw)
+
+
+def test_all_weights_minus_inf_but_one_row_of_a_chunk(backend, monkeypatch):
+    # ref_logw only: all but one reference row excluded; that row is t for every row.
+    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * 3 * 16)
+    x, s, ref = near_duplicate_case(3, 50, 12, 0.01)
+    ref_logw = torch.full((50,), -math.inf)
+    ref_logw[37] = 0.0
+    t, lse = run(backend, x, s, ref, ref_logw=ref_logw)
+    torch.testing.assert_close(t, ref[37].expand(3, 12), rtol=0, atol=1e-7)
+    assert_lse(lse, x, s, ref, ref_logw=ref_logw)
+
+
+def test_rows_without_reference_with_value_checks_off(backend, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_CHECK_VALUES", "0")
+    x, s, ref, terms = terms_case(5, 30, 8, 0.1)
+    terms["labels"][2] = 42
+    t, lse = run(backend, x, s, ref, **terms)
+    assert torch.equal(t[2], torch.zeros(8)) and lse[2] == -math.inf
+    assert torch.isfinite(t).all()
+    w = fastdiff.stf_weights(x, s, ref, **terms)
+    assert torch.equal(w[2], torch.zeros(30))
+
+
+@pytest.mark.parametrize("kind", list(TERM_KINDS))
+def test_terms_weights_and_target_agree(backend, kind):
+    x, s, ref, terms = terms_case(5, 30, 20, 0.3)
+    kw = pick_terms(terms, kind)
+    w = fastdiff.stf_weights(x, s, ref, **kw)
+    t64, _ = oracle(x, s, ref, **kw)
+    torch.testing.assert_close(w.double() @ ref.double(), t64, rtol=0, atol=1e-6)
+    if "labels" in kw:
+        assert (w[kw["labels"][:, None] != kw["ref_labels"][None, :]] == 0).all()
+    if "ref_logw" in kw:
+        assert (w[:, kw["ref_logw"] == -math.inf] == 0).all()
+    t = fastdiff.stf_target(x, s, ref, backend=backend, **kw)
+    torch.testing.assert_close(t, (w.double() @ ref.double()).float(), rtol=0, atol=1e-5)
+
+
+def test_terms_label_dtypes_and_image_shape(backend):
+    ref = torch.rand(9, 2, 3, 4)
+    x = ref[:3] + 0.05 * torch.randn(3, 2, 3, 4)
+    rl = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    want, _ = oracle(x.reshape(3, -1), 0.05, ref.reshape(9, -1), labels=rl[:3], ref_labels=rl)
+    for dt in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        lw = torch.zeros(9, dtype=torch.bfloat16)
+        t = fastdiff.stf_target(x, 0.05, ref, labels=rl[:3].to(dt), ref_labels=rl.to(torch.int64),
+                                ref_logw=lw, backend=backend)
+        assert t.shape == x.shape
+        assert row_err(t.reshape(3, -1), want, 0.05).max() <= CONTRACT
+
+
+def test_terms_no_features(backend):
+    x, ref = torch.rand(3, 0), torch.rand(5, 0)
+    ref_logw = torch.tensor([0.0, 1.0, -math.inf, 2.0, 0.5])
+    labels, ref_labels = torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1, 1, 1])
+    _, lse = run(backend, x, 0.5, ref, labels=labels, ref_labels=ref_labels, ref_logw=ref_logw)
+    want = torch.stack([torch.logsumexp(torch.tensor([0.0, 1.0], dtype=torch.float64), 0),
+                        torch.logsumexp(torch.tensor([2.0, 0.5], dtype=torch.float64), 0)])[[0, 1, 1]]
+    torch.testing.assert_close(lse, want)
+
+
+def test_minus_inf_entries_are_never_reevaluated(monkeypatch):
+    # The flag rule bounds the distance part; an excluded entry weighs 0 whatever its
+    # distance, so the exact pass never spends a direct difference on it.
+    seen = []
+    real = stf._exact_sqdist
+
+    def spy(x64, ref, rows, cols, D):
+        seen.append((rows.clone(), cols.clone()))
+        return real(x64, ref, rows, cols, D)
+
+    monkeypatch.setattr(stf, "_exact_sqdist", spy)
+    B, N, D = 8, 64, 128
+    ref = torch.rand(N, D) * 2 - 1
+    ref[B:2 * B] = ref[:B] + 1e-3 * torch.randn(B, D)    # near-duplicates: flagged if live
+    x = ref[:B] + 0.002 * torch.randn(B, D)
+    ref_labels = torch.arange(N) % 2
+    ref_labels[B:2 * B] = 1 - ref_labels[:B]               # the near-duplicates in the other class
+    labels = ref_labels[:B]
+    fastdiff.stf_target(x, 0.002, ref, labels=labels, ref_labels=ref_labels, backend="torch")
+    rows = torch.cat([r for r, _ in seen])
+    cols = torch.cat([c for _, c in seen])
+    assert rows.numel() > 0                                 # the sources are re-evaluated
+    assert (labels[rows] == ref_labels[cols]).all()
+
+
+def test_terms_opcheck(backend):
+    x, s, ref, terms = terms_case(4, 9, 6, 0.1)
+    t = stf._ref_terms(terms["labels"], terms["ref_labels"], terms["ref_logw"], 4, 9, x.device)
+    torch.library.opcheck(torch.ops.fastdiff.stf_target.default, (x, s, ref, "highest", backend, *t))
+    torch.library.opcheck(torch.ops.fastdiff.stf_target.default, (x, s, ref, "highest", backend, None, None, t[2]))
+
+
+def test_terms_torch_compile_fullgraph(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x, s, ref, terms = terms_case(3, 11, 8, 0.2)
+
+    def f(x, s, ref, labels, ref_labels, ref_logw):
+        t, lse = fastdiff.stf_target(x, s, ref, labels=labels, ref_labels=ref_labels, ref_logw=ref_logw,
+                                     return_lse=True)
+        return (t - x) / s[:, None] ** 2, lse
+
+    torch._dynamo.reset()
+    args = (x, s, ref, terms["labels"], terms["ref_labels"], terms["ref_logw"])
+    score, lse = torch.compile(f, fullgraph=True)(*args)
+    ref_score, ref_lse = f(*args)
+    torch.testing.assert_close(score, ref_score)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("labels without ref_labels", ValueError, "ref_labels"),
+    ("ref_labels without labels", ValueError, "labels"),
+    ("labels shape", ValueError, r"labels must have shape \(3,\)"),
+    ("ref_labels shape", ValueError, r"ref_labels must have shape \(4,\)"),
+    ("ref_logw shape", ValueError, r"ref_logw must have shape \(4,\)"),
+    ("labels float", TypeError, "labels must have an integer dtype"),
+    ("labels bool", TypeError, "labels must have an integer dtype"),
+    ("ref_labels float", TypeError, "ref_labels must have an integer dtype"),
+    ("ref_logw int", TypeError, "ref_logw must have a floating dtype"),
+    ("labels list", TypeError, "labels must be a torch.Tensor"),
+    ("labels device", ValueError, "labels is on meta"),
+    ("ref_logw device", ValueError, "ref_logw is on meta"),
+    ("label without reference row", ValueError, r"row 1 has label 9 but no reference row has ref_labels == 9"),
+    ("label whose rows are all -inf", ValueError, r"row 0 has label 0 but no reference row .* ref_logw > -inf"),
+    ("every ref_logw -inf", ValueError, "row 0 has no reference row .* every ref_logw is -inf"),
+    ("nan in ref_logw", ValueError, r"ref_logw\[2\] is nan"),
+    ("+inf in ref_logw", ValueError, r"ref_logw\[1\] is inf"),
+])
+@pytest.mark.parametrize("fn", ["stf_target", "stf_weights"])
+def test_terms_bad_input(case, exc, match, fn, backend):
+    x, s, ref = _ok()
+    kw = dict(labels=torch.tensor([0, 1, 0]), ref_labels=torch.tensor([0, 1, 0, 1]), ref_logw=torch.zeros(4))
+    if case == "labels without ref_labels":
+        del kw["ref_labels"]
+    elif case == "ref_labels without labels":
+        del kw["labels"]
+    elif case == "labels shape":
+        kw["labels"] = torch.zeros(4, dtype=torch.int64)
+    elif case == "ref_labels shape":
+        kw["ref_labels"] = torch.zeros(4, 1, dtype=torch.int64)
+    elif case == "ref_logw shape":
+        kw["ref_logw"] = torch.zeros(3)
+    elif case == "labels float":
+        kw["labels"] = kw["labels"].float()
+    elif case == "labels bool":
+        kw["labels"] = kw["labels"].bool()
+    elif case == "ref_labels float":
+        kw["ref_labels"] = kw["ref_labels"].double()
+    elif case == "ref_logw int":
+        kw["ref_logw"] = torch.zeros(4, dtype=torch.int64)
+    elif case == "labels list":
+        kw["labels"] = [0, 1, 0]
+    elif case == "labels device":
+        kw["labels"] = kw["labels"].to("meta")
+    elif case == "ref_logw device":
+        kw["ref_logw"] = kw["ref_logw"].to("meta")
+    elif case == "label without reference row":
+        kw["labels"][1] = 9
+    elif case == "label whose rows are all -inf":
+        kw["ref_logw"][[0, 2]] = -math.inf
+    elif case == "every ref_logw -inf":
+        del kw["labels"], kw["ref_labels"]
+        kw["ref_logw"][:] = -math.inf
+    elif case == "nan in ref_logw":
+        kw["ref_logw"][2] = math.nan
+    elif case == "+inf in ref_logw":
+        kw["ref_logw"][1] = math.inf
+    extra = {"backend": backend} if fn == "stf_target" else {}
+    with pytest.raises(exc, match=match):
+        getattr(fastdiff, fn)(x, s, ref, **kw, **extra)
+
+
+# ----------------------------------------------------------------------------
+# out-of-range sigma and data, meta tensors (issue 12, items 10 and 11)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sigma,match", [(1e-46, "a normal float32"), (7e-46, "a normal float32"),
+                                         (1e-40, "a normal float32"), (1e-39, "a normal float32"),
+                                         (1e40, "a normal float32"), (3.5e38, "a normal float32"),
+                                         (10 ** 400, "positive and finite, got inf")])
+@pytest.mark.parametrize("fn", ["stf_target", "stf_weights"])
+def test_python_sigma_out_of_float32_range(backend, sigma, match, fn):
+    # 1e-46 became 0 in float32 (NaN target); 1e-40 a denormal; 1e40 an OverflowError that
+    # did not name sigma.
+    x, _, ref = _ok()
+    extra = {"backend": backend} if fn == "stf_target" else {}
+    with pytest.raises(ValueError, match="sigma must be " + match):
+        getattr(fastdiff, fn)(x, sigma, ref, **extra)
+
+
+@pytest.mark.parametrize("value", [1e-40, 1e-46])
+def test_tensor_sigma_denormal_in_float32(backend, value):
+    x, _, ref = _ok()
+    s = torch.tensor([0.5, value, 0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match="sigma must be positive .* row 1"):
+        fastdiff.stf_target(x, s, ref, backend=backend)
+
+
+def test_smallest_normal_sigma_is_computed(backend):
+    x, _, ref = _ok()
+    x = ref[:3].clone()
+    t, lse = run(backend, x, FLOAT32_TINY_, ref)
+    torch.testing.assert_close(t, ref[:3], rtol=0, atol=0)
+    assert torch.isfinite(lse).all()
+
+
+FLOAT32_TINY_ = torch.finfo(torch.float32).tiny
+
+
+@pytest.mark.parametrize("where", ["x", "ref"])
+@pytest.mark.parametrize("value", [1e19, -2e19, 1e30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_data_whose_norms_overflow_float32(backend, where, value, dtype):
+    # Finite data near 1e19 returned NaN: its squared norms overflow float32 in the GEMMs.
+    x, s, ref = torch.rand(3, 40, dtype=dtype), torch.full((3,), 0.5), torch.rand(9, 40, dtype=dtype)
+    (x if where == "x" else ref)[-1, 17] = value
+    with pytest.raises(ValueError, match=f"{where} row {2 if where == 'x' else 8} has squared norm"):
+        fastdiff.stf_target(x, s, ref, backend=backend)
+    with pytest.raises(ValueError, match=f"{where} row"):
+        fastdiff.stf_weights(x, s, ref)
+
+
+def test_large_data_within_range_is_computed(backend):
+    # Elements up to ~1e17 (squared norms under MAX_SQNORM) are fine, at a matching sigma.
+    x, s, ref, _ = terms_case(4, 20, 30, 0.3)
+    c = 1e16
+    t = fastdiff.stf_target(x * c, s * c, ref * c, backend=backend)
+    assert_contract(t / c, x, s, ref)
+
+
+def test_many_rows_whose_total_norm_exceeds_the_bound(backend):
+    # No row is out of range, only the whole tensor's norm: checked row by row, no error.
+    ref = torch.full((64, 8), 2e17)
+    ref[:, 0] = torch.arange(64) * 1e16
+    x = ref[:2] + 1e15 * torch.randn(2, 8)
+    t = fastdiff.stf_target(x, 1e15, ref, backend=backend)
+    assert torch.isfinite(t).all()
+
+
+def test_meta_sigma_with_cpu_x():
+    x, _, ref = _ok()
+    for s in (torch.tensor(0.5, device="meta"), torch.full((1,), 0.5, device="meta")):
+        with pytest.raises(ValueError, match="sigma is on meta but x is on cpu"):
+            fastdiff.stf_target(x, s, ref)
+        with pytest.raises(ValueError, match="sigma is on meta but x is on cpu"):
+            fastdiff.stf_weights(x, s, ref)
+
+
+@pytest.mark.parametrize("checks", ["1", "0"])
+@pytest.mark.parametrize("sigma_kind", ["float", "meta tensor"])
+def test_meta_x_and_ref(checks, sigma_kind, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_CHECK_VALUES", checks)
+    x, ref = torch.rand(3, 5, device="meta"), torch.rand(4, 5, device="meta")
+    s = 0.5 if sigma_kind == "float" else torch.full((3,), 0.5, device="meta")
+    for fn in (fastdiff.stf_target, fastdiff.stf_weights):
+        with pytest.raises(ValueError, match="x and ref are on the meta device"):
+            fn(x, s, ref)
