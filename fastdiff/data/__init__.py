@@ -207,18 +207,92 @@ def _load_npz(path: str) -> torch.Tensor:
     if arr.ndim not in (2, 3, 4) or arr.shape[0] == 0:
         raise DataError(f"--data {path}: array {key!r} has shape {arr.shape}; expected (N, D) vectors or "
                         f"(N, H, W[, C]) / (N, C, H, W) images")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"--data {path}: array {key!r} has dtype {arr.dtype}; expected numbers (uint8 images or "
+                        f"float data)")
     if arr.ndim == 2:
-        return torch.from_numpy(arr.astype(np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):       # out of float32's range: Inf, refused below
+            x = torch.from_numpy(arr.astype(np.float32))
+        return _checked_float(x, path)
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
         arr = arr.transpose(0, 3, 1, 2)                           # NHWC -> NCHW
     x = torch.from_numpy(np.ascontiguousarray(arr))
-    if x.dtype != torch.uint8:
-        x = x.float()
-        if not torch.isfinite(x).all():
-            raise DataError(f"--data {path}: the array holds NaN or Inf")
+    return x if x.dtype == torch.uint8 else _checked_float(x.float(), path)
+
+
+# The largest row norm accepted: squared norms (and the distances STF takes between rows)
+# stay far inside float32's range (3.4e38) even when divided by sigma^2 = 0.002^2.
+MAX_ROW_NORM = 1e15
+
+
+def _checked_float(x: torch.Tensor, path: str) -> torch.Tensor:
+    """x (float32) if every value is finite (after the cast: beyond float32's range is Inf) and
+    no row is so large that float32 training overflows; a DataError naming the cause otherwise."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        row = int(bad.reshape(len(x), -1).any(1).nonzero()[0])
+        raise DataError(f"--data {path}: the array holds NaN or Inf (or values beyond float32's range), "
+                        f"first in row {row}")
+    norms = x.double().reshape(len(x), -1).norm(dim=1)
+    if len(x) and norms.max() > MAX_ROW_NORM:
+        row = int(norms.argmax())
+        raise DataError(f"--data {path}: row {row} has norm {float(norms[row]):.3g}; float32 training overflows "
+                        f"for data this large: standardize it (about unit standard deviation) and set "
+                        f"--sigma-data to its standard deviation")
     return x
+
+
+def _numpy_internal(name: str):
+    """numpy's pickle helpers live in numpy._core since numpy 2 (numpy.core before)."""
+    import importlib
+    mod, attr = name.rsplit(".", 1)
+    try:
+        return getattr(importlib.import_module(mod.replace("numpy.", "numpy._core.", 1)), attr)
+    except (ImportError, AttributeError):
+        return getattr(importlib.import_module(mod.replace("numpy.", "numpy.core.", 1)), attr)
+
+
+def _latin1_encode(text, encoding="latin1"):
+    # Python 3 writes bytes at pickle protocol 2 as _codecs.encode(str, "latin1"); no other codec is needed.
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: dicts, lists, tuples, str, bytes, numbers and numpy arrays.
+
+    pickle.load calls whatever callable a file names (a crafted data_batch_1 can run any code
+    while it is read); this unpickler resolves no global outside the allow-list below, so a file
+    that needs one is refused before anything of it is called."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, and a data file may hold only dicts, lists, "
+                                         f"str, bytes, numbers and numpy arrays (loading it could run code)")
+        if module == "_codecs":
+            return _latin1_encode
+        if module == "numpy":
+            return getattr(np, name)
+        return _numpy_internal(f"numpy.{module.split('.', 2)[-1]}.{name}")
+
+
+def read_data_pickle(path: str, source: str):
+    """The object in a pickled data file (a CIFAR batch), through _DataUnpickler; a DataError naming
+    source and file otherwise (code-bearing, damaged or unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            return _DataUnpickler(fh, encoding="bytes").load()
+    except Exception as e:
+        raise DataError(f"{source}: refusing {path!r}: {e}" if isinstance(e, pickle.UnpicklingError)
+                        else f"{source}: cannot read {path!r}: {e}") from None
 
 
 def _cifar_dir(path: str) -> str | None:
@@ -236,9 +310,8 @@ def _load_cifar(path: str) -> torch.Tensor:
             if i == 1:
                 raise DataError(f"--data {path}: data_batch_1 missing")
             break
+        batch = read_data_pickle(f, f"--data {path}")
         try:
-            with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
             chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         except Exception as e:
             raise DataError(f"--data {path}: cannot read CIFAR-10 batch {f!r}: {e}") from None

@@ -20,6 +20,9 @@ k-diffusion and EDM write their losses).
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
@@ -48,8 +51,10 @@ class Objective(nn.Module):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
-            raise ValueError(f"sigma_data must be a positive float, got {sigma_data!r}")
+        # bool is an int to Python (True would pass as 1.0); inf and nan make every loss NaN.
+        if isinstance(sigma_data, bool) or not isinstance(sigma_data, numbers.Real) or \
+                not (0 < sigma_data < math.inf):
+            raise ValueError(f"sigma_data must be a positive finite number, got {sigma_data!r}")
         self.objective = objective
         self.sigma_data = float(sigma_data)
         pk = dict(process_kwargs or {})
