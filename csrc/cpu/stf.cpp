@@ -20,6 +20,12 @@
 //   their logits and their weighted sum instead of per-entry re-evaluation
 //   t_i = (acc64_i + acc_i) / s_i,  lse_i = m_i + log s_i
 //
+// With labels / ref_logw every logit gets b_ik = ref_logw_k, or -inf where
+// ref_labels_k != labels_i, in float64 after the GEMM (and after each exact
+// re-evaluation); the error bound is the distance part's, and a -inf entry is
+// never flagged (l > reject fails). A row with no finite entry gets t = 0 and
+// lse = -inf.
+//
 // No B x N x D tensor; working memory is the B x C tiles plus one fp32 copy
 // of a chunk of ref when ref is not fp32.
 #include <torch/library.h>
@@ -33,7 +39,9 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace fastdiff_ext {
@@ -44,6 +52,9 @@ inline double gemm_gamma(int64_t D) { return std::ldexp(1.0, -24) * (8.0 + 2.0 *
 constexpr double kErrorBudget = 1e-5;
 // Keep in sync with fastdiff/ops/stf.py: DENSE_SHARE (rows with more flags take float64 GEMMs).
 constexpr double kDenseShare = 1.0 / 4.0;
+// Keep in sync with fastdiff/ops/stf.py: MAX_SQNORM (float32 max / 4: the fp32 GEMM's
+// |2 x.r - ||r||^2| <= ||x||^2 + 2 ||r||^2 stays finite).
+constexpr double kMaxSqNorm = 3.4028234663852886e38 / 4.0;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
@@ -125,6 +136,49 @@ inline void axpy(double* y, double a, const R* r, int64_t D) {
   for (int64_t d = 0; d < D; ++d) y[d] += a * static_cast<double>(r[d]);
 }
 
+// The optional per-row / per-reference terms (labels, ref_labels: int64; ref_logw: float64).
+struct Terms {
+  const int64_t* labels = nullptr;      // (B,) or null
+  const int64_t* ref_labels = nullptr;  // (N,) or null
+  const double* ref_logw = nullptr;     // (N,) or null
+  bool any() const { return labels != nullptr || ref_logw != nullptr; }
+  // b_ik, with k the global reference row
+  double bias(int64_t i, int64_t k) const {
+    if (labels && labels[i] != ref_labels[k]) return -std::numeric_limits<double>::infinity();
+    return ref_logw ? ref_logw[k] : 0.0;
+  }
+};
+
+Terms check_terms(const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& ref_labels,
+                  const std::optional<at::Tensor>& ref_logw, int64_t B, int64_t N, const at::Device& dev) {
+  Terms tm;
+  TORCH_CHECK(labels.has_value() == ref_labels.has_value(), "stf_target: labels and ref_labels go together");
+  auto check = [&](const at::Tensor& v, const char* name, at::ScalarType dt, int64_t n) {
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == n && v.scalar_type() == dt && v.is_contiguous() &&
+                    v.device() == dev,
+                "stf_target: ", name, " must be a contiguous (", n, ",) ", dt, " tensor on x's device");
+  };
+  if (labels.has_value()) {
+    check(*labels, "labels", at::kLong, B);
+    check(*ref_labels, "ref_labels", at::kLong, N);
+    tm.labels = labels->data_ptr<int64_t>();
+    tm.ref_labels = ref_labels->data_ptr<int64_t>();
+  }
+  if (ref_logw.has_value()) {
+    check(*ref_logw, "ref_logw", at::kDouble, N);
+    tm.ref_logw = ref_logw->data_ptr<double>();
+  }
+  return tm;
+}
+
+// Raises ValueError naming `name` and the row if a (finite) row's squared norm is beyond kMaxSqNorm.
+void check_sqnorms(const std::vector<double>& norms, const char* name) {
+  for (int64_t k = 0; k < (int64_t)norms.size(); ++k)
+    TORCH_CHECK_VALUE(norms[k] <= kMaxSqNorm, name, " row ", k, " has squared norm ", norms[k], ", more than ",
+                      kMaxSqNorm, ": the float32 distance GEMMs would overflow. Scale the data down (the target ",
+                      "scales with it: stf_target(c x, c sigma, c ref) = c stf_target(x, sigma, ref))");
+}
+
 void check_args(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref,
                 const std::string& precision, int64_t chunk, const at::Tensor& t, const at::Tensor& lse) {
   TORCH_CHECK(precision == "highest" || precision == "tf32x3" || precision == "tf32" || precision == "bf16",
@@ -166,7 +220,7 @@ inline double log_expm1(double e) {
 // Exact re-evaluation reads ref rows from the original data when ref is
 // float64, else from the fp32 chunk (exact for fp32/bf16/fp16 data).
 void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, int64_t chunk,
-                     at::Tensor& t, at::Tensor& lse) {
+                     const Terms& tm, at::Tensor& t, at::Tensor& lse) {
   const int64_t B = x.size(0), D = x.size(1), N = ref.size(0);
   const auto f32 = x.options().dtype(at::kFloat);
   const bool ref_is_f32 = ref.scalar_type() == at::kFloat;
@@ -215,6 +269,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     // this check to the kernel (fastdiff/ops/stf.py, _CHECKS_DATA). A norm can
     // also overflow for finite float64 data beyond 1e154: check the elements.
     check_finite_rows(ref, rn, "ref");
+    check_sqnorms(rn, "ref");
     for (int64_t k = 0; k < N; ++k) rnorm_max = std::max(rnorm_max, rnorm[k]);
     lever = std::max(2.0 * rnorm_max, 1e-30);  // ||r_k - t_i|| <= 2 max ||r||
     rn_max = rnorm_max * rnorm_max;
@@ -231,6 +286,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     }
 
     check_finite_rows(x, xnsq, "x");
+    check_sqnorms(xnsq, "x");
   };
 
   // Running state.
@@ -298,19 +354,27 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     // entries the fp32 bound flags; rows with many (DENSE_SHARE in stf.py)
     // take float64 GEMMs instead of one direct difference per entry.
     const int64_t dense_min = std::max<int64_t>(1, static_cast<int64_t>(kDenseShare * static_cast<double>(c)));
+    // The GEMM logits of row i, b_ik added (kBias), and their lower bound on the max.
+    auto gemm_logits = [&](int64_t i, auto has_bias) {
+      constexpr bool kBias = decltype(has_bias)::value;
+      const float* g = GP + i * c;
+      double* l = L.data() + i * c;
+      const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
+      double low = kNegInf;
+      for (int64_t k = 0; k < c; ++k) {
+        const float a = 2.0f * g[k] - rnf_c[k];
+        double lk = static_cast<double>(a) * w - off;
+        if constexpr (kBias) lk += tm.bias(i, k0 + k);
+        const double ek = gamma * (rn_c[k] + two_xn * rnorm_c[k]) * w;
+        l[k] = lk;
+        low = std::max(low, lk - ek);
+      }
+      return low;
+    };
     at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const float* g = GP + i * c;
         double* l = L.data() + i * c;
-        const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
-        double low = kNegInf;
-        for (int64_t k = 0; k < c; ++k) {
-          const float a = 2.0f * g[k] - rnf_c[k];
-          const double lk = static_cast<double>(a) * w - off;
-          const double ek = gamma * (rn_c[k] + two_xn * rnorm_c[k]) * w;
-          l[k] = lk;
-          low = std::max(low, lk - ek);
-        }
+        const double low = tm.any() ? gemm_logits(i, std::true_type{}) : gemm_logits(i, std::false_type{});
         const double mlow = std::max(m_low[i], low);
         m_low[i] = mlow;
         const double reject = reject_threshold(i, gamma, mlow);
@@ -347,7 +411,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
           const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
           double low = kNegInf;
           for (int64_t k = 0; k < c; ++k) {
-            const double lk = (2.0 * g64[j * c + k] - rn_c[k]) * w - off;
+            const double lk = (2.0 * g64[j * c + k] - rn_c[k]) * w - off + (tm.any() ? tm.bias(i, k0 + k) : 0.0);
             l[k] = lk;
             low = std::max(low, lk - gamma64 * (rn_c[k] + two_xn * rnorm_c[k]) * w);
           }
@@ -374,6 +438,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
           if (lk > reject && flagged_entry(i, k, g, lk, mlow)) {
             lk = RC64 ? -sqdist(X64 + i * D, RC64 + k * D, D) * w
                       : -sqdist(X64 + i * D, RCF + k * D, D) * w;
+            if (tm.any()) lk += tm.bias(i, k0 + k);  // finite: a -inf entry is never flagged
             l[k] = lk;
             flagged.push_back(k);
           }
@@ -381,9 +446,14 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         }
 
         const double m_new = std::max(m[i], mx);
+        double* p64 = dj >= 0 ? P64P + dj * c : nullptr;
+        if (m_new == kNegInf) {  // no finite logit yet (labels / ref_logw): every weight is 0
+          std::fill(p, p + c, 0.0f);
+          if (p64) std::fill(p64, p64 + c, 0.0);
+          continue;  // m, ssum, acc64 stay as they are; acc's row is 0 (all its P rows were)
+        }
         const double scale = m[i] == kNegInf ? 0.0 : std::exp(m[i] - m_new);
         double srow = 0.0;
-        double* p64 = dj >= 0 ? P64P + dj * c : nullptr;
         for (int64_t k = 0; k < c; ++k) {
           const double z = l[k] - m_new;
           // exp underflows to 0 below about -745: skip it.
@@ -445,10 +515,15 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     scalar_t* T = t.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
+        scalar_t* ti = T + i * D;
+        if (ssum[i] == 0.0) {  // no reference row serves the row (labels / ref_logw)
+          std::fill(ti, ti + D, static_cast<scalar_t>(0));
+          LSE[i] = kNegInf;
+          continue;
+        }
         const double inv = 1.0 / ssum[i];
         const double* a64 = acc64.get() + i * D;
         const float* ai = ACC + i * D;
-        scalar_t* ti = T + i * D;
         if (any64[i])
           for (int64_t d = 0; d < D; ++d)
             ti[d] = static_cast<scalar_t>((a64[d] + static_cast<double>(ai[d])) * inv);
@@ -461,20 +536,24 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
 }
 
 void stf_target_cpu(const at::Tensor& x_, const at::Tensor& sigma_, const at::Tensor& ref_,
-                    c10::string_view precision, int64_t chunk, at::Tensor t, at::Tensor lse) {
+                    c10::string_view precision, int64_t chunk, at::Tensor t, at::Tensor lse,
+                    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& ref_labels,
+                    const std::optional<at::Tensor>& ref_logw) {
   check_args(x_, sigma_, ref_, std::string(precision), chunk, t, lse);
+  const Terms tm = check_terms(labels, ref_labels, ref_logw, x_.size(0), ref_.size(0), x_.device());
   if (x_.size(0) == 0) return;
   TORCH_CHECK(ref_.size(0) > 0, "stf_target: ref is empty");
   const at::Tensor x = x_.contiguous(), sigma = sigma_.contiguous(), ref = ref_.contiguous();
   // "highest" is the only mode on CPU: the faster modes are GPU matrix-unit modes.
-  stf_target_impl(x, sigma, ref, chunk, t, lse);
+  stf_target_impl(x, sigma, ref, chunk, tm, t, lse);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
   m.def("stf_target(Tensor x, Tensor sigma, Tensor ref, str precision, int chunk, "
-        "Tensor(a!) t, Tensor(b!) lse) -> ()");
+        "Tensor(a!) t, Tensor(b!) lse, Tensor? labels=None, Tensor? ref_labels=None, "
+        "Tensor? ref_logw=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) {

@@ -327,7 +327,7 @@ def _check_values(s: torch.Tensor | None, data: tuple[tuple[str, torch.Tensor], 
     if math.isfinite(total.item()):
         return
     if s is not None and s.numel() and not math.isfinite(_sigma_gauge(s).item()):
-        i = int((~(s >= FLOAT32_TINY)).nonzero()[0])
+        i = int((~((s >= FLOAT32_TINY) & (s <= FLOAT32_MAX))).nonzero()[0])
         raise ValueError(f"sigma must be positive and finite in every row (a normal float32, at least "
                          f"{FLOAT32_TINY:.4g}); row {i} is {float(s[i]):.4g}")
     for name, t in data:
