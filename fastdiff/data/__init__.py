@@ -10,6 +10,12 @@ float32 in [-1, 1]; vector data (N, D) as float32. Sources:
     FILE.npz          an array: uint8 images (N, H, W[, C]) / (N, C, H, W), or float data in [-1, 1]
     CIFAR DIR         a CIFAR-10 python-format directory (data_batch_1 ... data_batch_5)
 
+Class labels (`Dataset.labels`, int64 (N,), or None; `Dataset.classes` their names):
+the digits' and CIFAR-10's own; an image folder or zip takes a file's class from its
+first-level sub-folder (classes numbered in sorted name order, as EDM's dataset tool
+does for ImageNet's folders; files at the top level give no labels); an .npz from an
+integer `labels` array beside the data.
+
 `Sampler` hands out mini-batch indices in epoch order (a fresh permutation per
 epoch) and the STF reference rows uniformly with replacement, from one
 torch.Generator whose state, with the position in the epoch, is checkpointed.
@@ -33,10 +39,26 @@ class DataError(ValueError):
 
 
 class Dataset:
-    def __init__(self, data: torch.Tensor, name: str, xflip: bool = False):
+    def __init__(self, data: torch.Tensor, name: str, xflip: bool = False, labels: torch.Tensor | None = None,
+                 classes: list | None = None, no_labels: str | None = None):
         self.data = data          # uint8 images, or float32 already in [-1, 1]
         self.name = name
         self.xflip = xflip
+        self.labels = labels      # int64 (N,) class of each row, or None
+        self.classes = classes if classes is not None or labels is None else \
+            [str(c) for c in range(int(labels.max()) + 1)]
+        self.no_labels = no_labels  # why labels is None, where the data had some that could not be used
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.labels is not None else 0
+
+    def require_labels(self) -> torch.Tensor:
+        """The labels, or a DataError saying why there are none and how to supply them."""
+        if self.labels is None:
+            raise DataError(self.no_labels or f"--data {self.name} has no class labels (an image folder takes "
+                                              f"them from class sub-folders, an .npz from a 'labels' array)")
+        return self.labels
 
     @property
     def shape(self) -> tuple:
@@ -50,7 +72,8 @@ class Dataset:
         return self.data.shape[0]
 
     def to(self, device) -> "Dataset":
-        return Dataset(self.data.to(device), self.name, self.xflip)
+        return Dataset(self.data.to(device), self.name, self.xflip,
+                       None if self.labels is None else self.labels.to(device), self.classes, self.no_labels)
 
     def get(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """Rows idx as float32 in [-1, 1]; flip (bool per row) mirrors images left-right."""
@@ -125,10 +148,11 @@ def _resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
     return y.round().clamp(0, 255).to(torch.uint8) if is_u8 else y
 
 
-def _load_digits() -> torch.Tensor:
+def _load_digits():
     from sklearn.datasets import load_digits
-    x = load_digits().images.astype(np.float32)                  # (1797, 8, 8), values 0..16
-    return torch.from_numpy(x / 8.0 - 1.0)[:, None]
+    d = load_digits()
+    x = d.images.astype(np.float32)                              # (1797, 8, 8), values 0..16
+    return torch.from_numpy(x / 8.0 - 1.0)[:, None], torch.from_numpy(d.target).long(), [str(c) for c in range(10)]
 
 
 def _load_gmm() -> torch.Tensor:
@@ -137,7 +161,8 @@ def _load_gmm() -> torch.Tensor:
     except ImportError as e:
         raise DataError(f"--data gmm needs fastdiff.diffusion.gmm, which is not available: {e}") from None
     mix = gmm.GaussianMixture.ring(n_components=8, radius=1.0, std=0.05, dim=2)
-    return mix.sample(8192, generator=torch.Generator().manual_seed(0)).float()
+    x, k = mix.sample(8192, generator=torch.Generator().manual_seed(0), return_components=True)
+    return x.float(), k.long(), [str(c) for c in range(8)]    # the class: the mixture component
 
 
 def _decode_images(items, source: str) -> torch.Tensor:
@@ -167,7 +192,21 @@ def _decode_images(items, source: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def _load_folder(path: str) -> torch.Tensor:
+def _folder_labels(names: list, source: str):
+    """(labels, classes) from each file's first-level sub-folder, or (None, None) when every file is at
+    the top level; a mix of both cannot be labelled."""
+    parts = [n.replace(os.sep, "/").split("/") for n in names]
+    top = [n for n, p in zip(names, parts) if len(p) == 1]
+    if len(top) == len(names):
+        return None, None
+    if top:
+        return None, f"--data {source}: {top[0]!r} lies outside any class sub-folder"
+    classes = sorted({p[0] for p in parts})
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[p[0]] for p in parts], dtype=torch.long), classes
+
+
+def _load_folder(path: str):
     files = []
     for root, _, names in os.walk(path):
         files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
@@ -178,7 +217,8 @@ def _load_folder(path: str) -> torch.Tensor:
             with open(f, "rb") as fh:
                 return fh.read()
         return read
-    return _decode_images(((os.path.relpath(f, path), reader(f)) for f in files), path)
+    names = [os.path.relpath(f, path) for f in files]
+    return (_decode_images(((n, reader(f)) for n, f in zip(names, files)), path), *_folder_labels(names, path))
 
 
 def _load_zip(path: str) -> torch.Tensor:
@@ -188,18 +228,31 @@ def _load_zip(path: str) -> torch.Tensor:
         raise DataError(f"--data {path}: not a readable zip file: {e}") from None
     with zf:
         names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_EXTS))
-        return _decode_images(((n, (lambda n=n: zf.read(n))) for n in names), path)
+        return _decode_images(((n, (lambda n=n: zf.read(n))) for n in names), path), *_folder_labels(names, path)
 
 
-def _load_npz(path: str) -> torch.Tensor:
+def _npz_labels(z, key: str, n: int, path: str):
+    if "labels" not in z or key == "labels":
+        return None, None
+    lab = z["labels"]
+    if lab.ndim != 1 or len(lab) != n or lab.dtype.kind not in "iu" or (len(lab) and lab.min() < 0):
+        return None, (f"--data {path}: 'labels' must be {n} non-negative integers (one per row of {key!r}), "
+                      f"got shape {lab.shape} dtype {lab.dtype}")
+    return torch.from_numpy(lab.astype(np.int64)), None
+
+
+def _load_npz(path: str):
     try:
         with np.load(path) as z:
             keys = list(z.keys())
             key = next((k for k in ("x", "images", "data", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None and len(keys) == 2 and "labels" in keys:
+                key = next(k for k in keys if k != "labels")
             if key is None:
                 raise DataError(f"--data {path}: cannot tell which array holds the data among {keys}; "
                                 f"name it 'x'")
             arr = z[key]
+            labels, classes = _npz_labels(z, key, arr.shape[0] if arr.ndim else 0, path)
     except DataError:
         raise
     except Exception as e:
@@ -213,13 +266,13 @@ def _load_npz(path: str) -> torch.Tensor:
     if arr.ndim == 2:
         with np.errstate(over="ignore", invalid="ignore"):       # out of float32's range: Inf, refused below
             x = torch.from_numpy(arr.astype(np.float32))
-        return _checked_float(x, path)
+        return _checked_float(x, path), labels, classes
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
         arr = arr.transpose(0, 3, 1, 2)                           # NHWC -> NCHW
     x = torch.from_numpy(np.ascontiguousarray(arr))
-    return x if x.dtype == torch.uint8 else _checked_float(x.float(), path)
+    return (x if x.dtype == torch.uint8 else _checked_float(x.float(), path)), labels, classes
 
 
 # The largest row norm accepted: squared norms (and the distances STF takes between rows)
@@ -302,8 +355,8 @@ def _cifar_dir(path: str) -> str | None:
     return None
 
 
-def _load_cifar(path: str) -> torch.Tensor:
-    chunks = []
+def _load_cifar(path: str):
+    chunks, labels = [], []
     for i in range(1, 6):
         f = os.path.join(path, f"data_batch_{i}")
         if not os.path.exists(f):
@@ -313,26 +366,28 @@ def _load_cifar(path: str) -> torch.Tensor:
         batch = read_data_pickle(f, f"--data {path}")
         try:
             chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch.get(b"labels", []), dtype=np.int64))
         except Exception as e:
             raise DataError(f"--data {path}: cannot read CIFAR-10 batch {f!r}: {e}") from None
-    return torch.from_numpy(np.concatenate(chunks))
+    x, y = torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(np.concatenate(labels))
+    return x, (y if len(y) == len(x) else None), None
 
 
 def load_dataset(spec: str, resolution: int | None = None, xflip: bool = False) -> Dataset:
     """Load the data named by spec (see the module docstring); raise DataError naming the problem."""
     if spec == "digits":
-        x = _load_digits()
+        x, labels, classes = _load_digits()
     elif spec == "gmm":
-        x = _load_gmm()
+        x, labels, classes = _load_gmm()
     elif not os.path.exists(spec):
         raise DataError(f"--data {spec!r}: no such file or directory (or use 'digits' or 'gmm')")
     elif os.path.isdir(spec):
         cifar = _cifar_dir(spec)
-        x = _load_cifar(cifar) if cifar else _load_folder(spec)
+        x, labels, classes = _load_cifar(cifar) if cifar else _load_folder(spec)
     elif spec.lower().endswith(".zip"):
-        x = _load_zip(spec)
+        x, labels, classes = _load_zip(spec)
     elif spec.lower().endswith(".npz"):
-        x = _load_npz(spec)
+        x, labels, classes = _load_npz(spec)
     else:
         raise DataError(f"--data {spec!r}: unsupported file type (expected a folder, .zip or .npz)")
     if x.ndim == 4:
@@ -341,7 +396,11 @@ def load_dataset(spec: str, resolution: int | None = None, xflip: bool = False) 
         raise DataError(f"--resolution {resolution} given but --data {spec} is vector data of shape {tuple(x.shape[1:])}")
     if len(x) == 0:
         raise DataError(f"--data {spec}: the data set is empty")
-    return Dataset(x, spec, xflip=xflip and x.ndim == 4)
+    # Labels that cannot be read (a loader's message in place of the class names) are an
+    # error only where they are needed (Dataset.require_labels).
+    why = classes if isinstance(classes, str) else None
+    return Dataset(x, spec, xflip=xflip and x.ndim == 4, labels=labels, classes=None if why else classes,
+                   no_labels=why)
 
 
 __all__ = ["Dataset", "DataError", "Sampler", "load_dataset"]

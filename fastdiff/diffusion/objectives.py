@@ -31,6 +31,7 @@ from fastdiff.diffusion.density import Density, get_density, histogram
 from fastdiff.diffusion.parameterization import get_parameterization
 from fastdiff.diffusion.processes import _bcast, get_process
 from fastdiff.diffusion.weighting import get_weighting
+from fastdiff.nn.unet import NULL_CLASS
 
 __all__ = ["Objective", "make_objective", "OBJECTIVES"]
 
@@ -87,8 +88,17 @@ class Objective(nn.Module):
     # ------------------------------------------------------------------ training step
     def forward(self, net, y: torch.Tensor, extra_ref: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, *, lam: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None):
+                noise: torch.Tensor | None = None, ref: torch.Tensor | None = None,
+                ref_logw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                ref_labels: torch.Tensor | None = None, n_uncond: int = 0):
         """Returns (loss, stats) for the clean batch y (B, *S).
+
+        STF's reference batch is cat([y, extra_ref]), or ref as given (fastdiff.refsets: the
+        whole set, or neighbours plus weighted draws), with ref_logw its rows' log-weights.
+        Class-conditional training: labels (B,) go to the network (net(x, c_noise, labels)) and,
+        with ref_labels, to the STF target; the first n_uncond rows are label dropout's: the
+        network sees NULL_CLASS and their target averages over every class (a second op call
+        on those rows: both calls together cost one).
 
         lam (B,) and noise (y's shape), when given, replace the draws from the density and
         the standard normal: to evaluate the loss at chosen noise levels, or on another
@@ -107,7 +117,18 @@ class Objective(nn.Module):
             raise ValueError(f"y must be a floating tensor of shape (B, *S), got "
                              f"{getattr(y, 'shape', type(y).__name__)}")
         B, dev, dt = y.shape[0], y.device, y.dtype
-        if self.objective == "stf":
+        if not 0 <= n_uncond <= B or (n_uncond and labels is None):
+            raise ValueError(f"n_uncond must be in [0, {B}] and needs labels, got {n_uncond}")
+        if labels is not None and self.objective == "stf" and ref_labels is None:
+            raise ValueError("labels given without ref_labels: a class-conditional STF target needs both")
+        if self.objective == "stf" and ref is not None:
+            if extra_ref is not None:
+                raise ValueError("give STF's reference rows as ref or as extra_ref (beside y), not both")
+            if not isinstance(ref, torch.Tensor) or tuple(ref.shape[1:]) != tuple(y.shape[1:]):
+                raise ValueError(f"ref must have shape (N, {', '.join(map(str, y.shape[1:]))}) to match y "
+                                 f"{tuple(y.shape)}; got {tuple(getattr(ref, 'shape', ()))}")
+            ref = ref.to(dt)
+        elif self.objective == "stf":
             ref = y
             if extra_ref is not None:
                 if not isinstance(extra_ref, torch.Tensor) or tuple(extra_ref.shape[1:]) != tuple(y.shape[1:]):
@@ -116,8 +137,8 @@ class Objective(nn.Module):
                 if extra_ref.device != dev:
                     raise ValueError(f"extra_ref is on {extra_ref.device} but y is on {dev}")
                 ref = torch.cat([y, extra_ref.to(dt)])
-        elif extra_ref is not None:
-            raise ValueError("extra_ref is only used by the 'stf' objective")
+        elif extra_ref is not None or ref is not None or ref_logw is not None:
+            raise ValueError("extra_ref, ref and ref_logw are only used by the 'stf' objective")
 
         if lam is None:
             lam64, logp64 = self.density.sample(B, generator=generator, device=dev, return_log_prob=True)
@@ -144,10 +165,25 @@ class Objective(nn.Module):
         x = y + _bcast(sigma, y) * noise
         if self.objective == "stf":
             target_fn = self.stf_target_fn or fastdiff.stf_target
-            target = target_fn(x, sigma, ref, precision=self.stf_precision, backend=self.stf_backend)
+            kw = dict(precision=self.stf_precision, backend=self.stf_backend)
+            if ref_logw is not None:
+                kw["ref_logw"] = ref_logw
+            if labels is None:
+                target = target_fn(x, sigma, ref, **kw)
+            else:
+                k = n_uncond
+                parts = [target_fn(x[:k], sigma[:k], ref, **kw)] if k else []
+                if k < B:
+                    parts.append(target_fn(x[k:], sigma[k:], ref, labels=labels[k:], ref_labels=ref_labels, **kw))
+                target = torch.cat(parts) if len(parts) > 1 else parts[0]
         else:
             target = y
-        F = net(_bcast(c_in, x) * x, c_noise.to(dt))
+        if labels is None:
+            F = net(_bcast(c_in, x) * x, c_noise.to(dt))
+        else:
+            if n_uncond:
+                labels = torch.cat([torch.full_like(labels[:n_uncond], NULL_CLASS), labels[n_uncond:]])
+            F = net(_bcast(c_in, x) * x, c_noise.to(dt), labels)
         if not isinstance(F, torch.Tensor) or F.shape != y.shape:
             raise ValueError(f"net output must have y's shape {tuple(y.shape)}, got {tuple(getattr(F, 'shape', ()))}")
         F_target = ((target - _bcast(c_skip, x) * x) / _bcast(c_out, x)).detach()

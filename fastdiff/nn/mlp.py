@@ -5,16 +5,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.nn.unet import PositionalEmbedding
+from fastdiff.nn.unet import PositionalEmbedding, check_unconditional, class_embedding
 
 
 class MLP(nn.Module):
-    """net(x, c_noise) -> F with x (B, D), c_noise (B,)."""
+    """net(x, c_noise, class_labels=None) -> F with x (B, D), c_noise (B,); class_labels as for SongUNet."""
 
-    def __init__(self, dim: int, *, hidden: int = 256, depth: int = 3, emb_channels: int = 64):
+    def __init__(self, dim: int, *, hidden: int = 256, depth: int = 3, emb_channels: int = 64, num_classes: int = 0):
         super().__init__()
         self.img_shape = (dim,)
+        self.num_classes = num_classes
         self.map_noise = PositionalEmbedding(emb_channels)
+        self.map_label = class_embedding(num_classes, emb_channels)
         self.map_emb = nn.Linear(emb_channels, hidden)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.SiLU(),
@@ -23,8 +25,13 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x) + self.map_emb(F.silu(self.map_noise(c_noise))).to(x.dtype)
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.map_noise(c_noise)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels, x.shape[0], x.device)
+        else:
+            check_unconditional(class_labels)
+        h = self.inp(x) + self.map_emb(F.silu(emb)).to(x.dtype)
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)

@@ -34,6 +34,39 @@ def _norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
 
 
+NULL_CLASS = -1     # class label meaning "no class": the unconditional model of a class-conditional net
+
+
+class ClassEmbedding(nn.Module):
+    """Class labels (B,) -> (B, channels): a learned vector per class and one for NULL_CLASS
+    (classifier-free guidance's unconditional model, trained by label dropout)."""
+
+    def __init__(self, num_classes: int, channels: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, channels)     # the last row: NULL_CLASS
+
+    def forward(self, class_labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        if class_labels is None:
+            class_labels = torch.full((batch,), NULL_CLASS, dtype=torch.long, device=device)
+        elif class_labels.shape != (batch,) or class_labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"class_labels must be an integer tensor of shape ({batch},), got "
+                             f"{class_labels.dtype} {tuple(class_labels.shape)}")
+        idx = torch.where(class_labels == NULL_CLASS, self.num_classes, class_labels)
+        return self.table(idx)
+
+
+def class_embedding(num_classes: int, channels: int) -> ClassEmbedding | None:
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    return ClassEmbedding(num_classes, channels) if num_classes else None
+
+
+def check_unconditional(class_labels) -> None:
+    if class_labels is not None:
+        raise ValueError("class_labels given to a network built without classes (num_classes=0)")
+
+
 class PositionalEmbedding(nn.Module):
     """Transformer sinusoids of c_noise (EDM's PositionalEmbedding, endpoint=True)."""
 
@@ -101,14 +134,16 @@ class UNetBlock(nn.Module):
 
 
 class SongUNet(nn.Module):
-    """net(x, c_noise) -> F with x (B, C, H, W), c_noise (B,)."""
+    """net(x, c_noise, class_labels=None) -> F with x (B, C, H, W), c_noise (B,); class_labels (B,)
+    int64 (NULL_CLASS for the unconditional model) when built with num_classes > 0."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, *,
                  model_channels: int = 128, channel_mult=(2, 2, 2), channel_mult_emb: int = 4,
                  num_blocks: int = 4, attn_resolutions=(16,), dropout: float = 0.10,
-                 num_heads: int = 1, adaptive_scale: bool = False):
+                 num_heads: int = 1, adaptive_scale: bool = False, num_classes: int = 0):
         super().__init__()
         out_channels = out_channels or in_channels
+        self.num_classes = num_classes
         self.img_shape = (in_channels, img_resolution, img_resolution)
         if img_resolution % (2 ** (len(channel_mult) - 1)):
             raise ValueError(f"resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1} "
@@ -116,6 +151,7 @@ class SongUNet(nn.Module):
         emb_ch = model_channels * channel_mult_emb
         block = dict(emb_channels=emb_ch, dropout=dropout, num_heads=num_heads, adaptive_scale=adaptive_scale)
         self.map_noise = PositionalEmbedding(model_channels)
+        self.map_label = class_embedding(num_classes, model_channels)     # added to the noise embedding, as EDM
         self.map_layer0 = _linear(model_channels, emb_ch)
         self.map_layer1 = _linear(emb_ch, emb_ch)
 
@@ -150,8 +186,12 @@ class SongUNet(nn.Module):
         self.out_norm = _norm(cout)
         self.out_conv = _conv(cout, out_channels, 3, init_scale=1e-5)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.map_noise(c_noise)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels, x.shape[0], x.device)
+        else:
+            check_unconditional(class_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         skips = []
         h = x
