@@ -9,8 +9,17 @@ import torch
 
 from fastdiff.eval import study as S
 
+def _has_mpl():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 TINY = ["--steps", "6", "--seeds", "2", "--evals", "2", "--eval-rows", "8", "--batch", "16", "--warmup", "2",
         "--preset", "tiny"]
+PLOT = [] if _has_mpl() else ["--no-plot"]      # matplotlib is optional
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +39,7 @@ def _main(capsys, *args):
 
 def test_gmm_end_to_end_every_arm(tmp_path, capsys):
     arms = "dsm,stf-32,stf-all,sigmoid,adaptive,stf-16+density=adaptive"
-    code, out = _main(capsys, "--data", "gmm", "--arms", arms, "--out", str(tmp_path), *TINY)
+    code, out = _main(capsys, "--data", "gmm", "--arms", arms, "--out", str(tmp_path), *TINY, *PLOT)
     assert code == 0, out.err
     study = json.loads((tmp_path / "study.json").read_text())
     assert list(study["results"]) == arms.split(",")
@@ -48,20 +57,13 @@ def test_gmm_end_to_end_every_arm(tmp_path, capsys):
     assert study["results"]["dsm"]["0"]["err"] != study["results"]["stf-all"]["0"]["err"]
     summ = study["summary"]
     assert summ["metric"] == "err" and summ["baseline"] == "dsm" and set(summ["arms"]) == set(arms.split(","))
-    assert (tmp_path / "study.png").stat().st_size > 10_000 if _has_mpl() else True
+    if _has_mpl():
+        assert (tmp_path / "study.png").stat().st_size > 10_000
     assert "dsm" in out.out and "stf-all" in out.out
 
 
-def _has_mpl():
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def test_rerun_reuses_finished_runs(tmp_path, capsys):
-    args = ["--data", "gmm", "--arms", "dsm,stf-all", "--out", str(tmp_path), *TINY, "--seeds", "1"]
+    args = ["--data", "gmm", "--arms", "dsm,stf-all", "--out", str(tmp_path), "--no-plot", *TINY, "--seeds", "1"]
     assert _main(capsys, *args)[0] == 0
     first = json.loads((tmp_path / "study.json").read_text())
     path = tmp_path / "runs" / "dsm__seed0.json"
@@ -87,7 +89,7 @@ def test_images_record_proxy_fid(tmp_path, capsys):
     np.savez(tmp_path / "imgs.npz", x=imgs)
     code, out = _main(capsys, "--data", str(tmp_path / "imgs.npz"), "--arms", "dsm,stf-all", "--out",
                       str(tmp_path / "o"), "--steps", "3", "--seeds", "1", "--evals", "1", "--eval-rows", "4",
-                      "--batch", "8", "--fid-samples", "16", "--sample-steps", "2", "--proxy-steps", "5")
+                      "--batch", "8", "--fid-samples", "16", "--sample-steps", "2", "--proxy-steps", "5", "--no-plot")
     assert code == 0, out.err
     study = json.loads((tmp_path / "o" / "study.json").read_text())
     assert study["summary"]["metric"] == "err_emp" and study["settings"]["model"] == "unet"
@@ -137,7 +139,21 @@ def test_summary_ci_and_speedup():
     (["--steps", "x"], "--steps"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, match):
-    code, out = _main(capsys, "--out", str(tmp_path), *args)
+    code, out = _main(capsys, "--out", str(tmp_path), "--no-plot", *args)
     assert code == 2
     lines = [ln for ln in out.err.strip().splitlines() if "%|" not in ln]
     assert len(lines) == 1 and lines[0].startswith("fastdiff.eval.study: error:") and match in lines[0], out.err
+
+
+def test_missing_matplotlib_is_a_clear_error_before_training(tmp_path, capsys, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    code, out = _main(capsys, "--out", str(tmp_path), *TINY)
+    assert code == 2 and "matplotlib" in out.err and "--no-plot" in out.err
+    assert not (tmp_path / "runs").exists()                  # nothing was trained

@@ -151,7 +151,7 @@ def _main(capsys, *args) -> tuple[int, str]:
     (["--samples", "1"], "--samples"),
 ])
 def test_cli_bad_arguments(tmp_path, capsys, args, match):
-    code, err = _main(capsys, "--out", str(tmp_path), *args)
+    code, err = _main(capsys, "--out", str(tmp_path), "--no-plot", *args)
     assert code == 2
     lines = [ln for ln in err.strip().splitlines() if "%|" not in ln]
     assert len(lines) == 1 and lines[0].startswith("fastdiff.eval.variance: error:") and match in lines[0], err

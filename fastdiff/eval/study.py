@@ -401,11 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample-steps", type=int, default=18, help="images: Heun steps per sample")
     a("--proxy-steps", type=int, default=200, help="images: training steps of the proxy-FID classifier")
     a("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    a("--no-plot", action="store_true", help="write only study.json (no matplotlib needed)")
     return p
 
 
 def _settings_key(cfg: dict) -> str:
-    keep = {k: v for k, v in cfg.items() if k not in ("out", "seeds", "arms", "threads")}
+    keep = {k: v for k, v in cfg.items() if k not in ("out", "seeds", "arms", "threads", "no_plot")}
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -476,9 +477,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = {k: v for k, v in vars(args).items()}
     try:
+        if not cfg["no_plot"]:
+            _pyplot()                            # before the work, not after it
         os.makedirs(cfg["out"], exist_ok=True)
         study = run_study(cfg)
-        plot(study, os.path.join(cfg["out"], "study.png"))
+        if not cfg["no_plot"]:
+            plot(study, os.path.join(cfg["out"], "study.png"))
     except (UsageError, MissingDependency) as e:
         print(f"{TOOL}: error: {e}", file=sys.stderr)
         return 2

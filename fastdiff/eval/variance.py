@@ -241,7 +241,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise MissingDependency("plots need matplotlib: pip install matplotlib (or fastdiff's 'eval' extra)") from None
+        raise MissingDependency("plots need matplotlib: pip install matplotlib, or pass --no-plot") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -385,6 +385,8 @@ def main(argv=None) -> int:
         sigmas = parse_sigmas(args.sigmas, args.process)
         if args.samples < 2:
             raise UsageError(f"--samples must be >= 2 (standard errors need two), got {args.samples}")
+        if not args.no_plot:
+            _pyplot()                            # before the work, not after it
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         data, info = load_vectors(args.data, seed=args.seed)
