@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 
 from fastdiff import checkpoint as ckpt_io
+from fastdiff import runlock
 from fastdiff.data import DataError, Sampler, load_dataset
 from fastdiff.nn import MLP_PRESETS, MODELS, UNET_PRESETS, build_net
 
@@ -242,10 +244,44 @@ def check_config(cfg: dict) -> None:
     presets = UNET_PRESETS if cfg["model"] == "unet" else MLP_PRESETS
     if cfg["preset"] not in presets:
         raise ConfigError(f"--preset must be one of {list(presets)} for --model {cfg['model']}, got {cfg['preset']!r}")
-    if cfg["lr"] <= 0 or cfg["ema"] <= 0 or cfg["grad_clip"] < 0 or cfg["warmup"] < 0:
-        raise ConfigError("--lr and --ema must be positive, --grad-clip and --warmup non-negative")
-    if cfg["kimg"] is not None and cfg["kimg"] <= 0:
-        raise ConfigError(f"--kimg must be positive, got {cfg['kimg']}")
+    # Written so that NaN fails every test (NaN <= 0 is False).
+    for key, lo, hint in (("lr", 0, "positive"), ("ema", 0, "a positive number of images"),
+                          ("sigma_data", 0, "positive"), ("kimg", 0, "positive")):
+        if cfg[key] is not None and not lo < cfg[key] < math.inf:
+            raise ConfigError(f"--{key.replace('_', '-')} must be finite and {hint}, got {cfg[key]}")
+    for key, hint in (("ema_rampup", "0: off"), ("grad_clip", "0: off")):
+        if not 0 <= cfg[key] < math.inf:
+            raise ConfigError(f"--{key.replace('_', '-')} must be finite and non-negative ({hint}), got {cfg[key]}")
+    for key, lo in (("warmup", 0), ("threads", 0), ("sample_every", 0), ("fid_every", -1)):
+        if cfg[key] < lo:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least {lo}, got {cfg[key]}")
+    if cfg["resolution"] is not None and cfg["resolution"] <= 0:
+        raise ConfigError(f"--resolution must be positive, got {cfg['resolution']}")
+    _check_paths(cfg)
+
+
+def _check_paths(cfg: dict) -> None:
+    """--out, --name and --fid-ref name something usable, before any step (a bad --fid-ref was
+    found only after the last checkpoint)."""
+    if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
+        raise ConfigError(f"--out {cfg['out']} is a file; it must be a directory (the parent of run directories)")
+    name = cfg["name"]
+    if name is not None and (not name or name in (".", "..") or "/" in name or os.sep in name):
+        raise ConfigError(f"--name must be a plain directory name (no '/', not '.' or '..'), got {name!r}")
+    ref = cfg["fid_ref"]
+    if ref == "proxy" or cfg["fid_every"] == -1:
+        return
+    if ref.endswith(".npz"):
+        from fastdiff.eval.fid import load_stats
+        if not os.path.isfile(ref):
+            raise ConfigError(f"--fid-ref {ref}: no such file")
+        try:
+            load_stats(ref)
+        except Exception as e:
+            raise ConfigError(f"--fid-ref {ref}: not usable as FID statistics: {e}") from None
+    elif not os.path.isdir(ref):
+        raise ConfigError(f"--fid-ref {ref}: no such directory (expected proxy, a folder of images or an .npz of "
+                          f"clean-fid statistics)")
 
 
 def _rng_state(device: torch.device, sampler: Sampler) -> dict:
@@ -267,7 +303,8 @@ def _set_rng_state(state: dict, device: torch.device, sampler: Sampler) -> None:
 
 
 def _fault(kind: str) -> int | None:
-    """Test hook: FASTDIFF_FAULT=kill@N (SIGKILL at step N) or nan@N (NaN loss at step N)."""
+    """Test hook: FASTDIFF_FAULT=kill@N (SIGKILL at step N), killwrite@N (SIGKILL halfway through writing
+    the checkpoint of step N) or nan@N (NaN loss at step N)."""
     spec = os.environ.get("FASTDIFF_FAULT", "")
     return int(spec.split("@")[1]) if spec.startswith(kind + "@") else None
 
@@ -287,19 +324,44 @@ def _make_objective(cfg: dict):
                           f"{cfg['weighting']} --density {cfg['density']}): {e}") from None
 
 
+def _claim_run_dir(run_dir: str, resumed: str | None = None) -> None:
+    """Lock run_dir for this process (the lock lasts until it ends or main() returns), then tidy what
+    killed runs left: unfinished temporary checkpoints, and damaged checkpoints newer than `resumed`
+    (moved aside; an intact newer one stops the run: continuing would overwrite it)."""
+    try:
+        runlock.RunLock(run_dir)
+    except runlock.RunLockError as e:
+        raise ConfigError(str(e)) from None
+    for f in ckpt_io.remove_temporaries(run_dir):
+        print(f"removed {f}: an unfinished checkpoint write of a killed run")
+    if resumed is not None:
+        for f, aside in ckpt_io.check_newer(resumed):
+            print(f"moved {f} aside to {os.path.basename(aside)}: it is damaged (a checksum mismatch or truncation)")
+
+
 def _new_run_dir(cfg: dict) -> str:
+    """Create and claim a new run directory: --name, or the next free number."""
     os.makedirs(cfg["out"], exist_ok=True)
     if cfg["name"]:
         run_dir = os.path.join(cfg["out"], cfg["name"])
+        os.makedirs(run_dir, exist_ok=True)
+        _claim_run_dir(run_dir)                  # before the check, so no second process slips past it
         if ckpt_io.list_checkpoints(run_dir):
             raise ConfigError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, "
                               f"or choose another --name")
         return run_dir
     data = os.path.basename(os.path.normpath(cfg["data"])).split(".")[0] or "data"
-    ids = [int(d[:5]) for d in os.listdir(cfg["out"]) if d[:5].isdigit()]
-    # Every choice that tells runs apart at a glance: data, objective, weighting, density, network.
-    return os.path.join(cfg["out"], f"{max(ids, default=-1) + 1:05d}-{data}-{cfg['objective']}-{cfg['weighting']}"
-                                    f"-{cfg['density']}-{cfg['model']}-{cfg['preset']}")
+    while True:       # mkdir is atomic: two runs started together take different numbers
+        ids = [int(d[:5]) for d in os.listdir(cfg["out"]) if d[:5].isdigit()]
+        # Every choice that tells runs apart at a glance: data, objective, weighting, density, network.
+        run_dir = os.path.join(cfg["out"], f"{max(ids, default=-1) + 1:05d}-{data}-{cfg['objective']}-"
+                                           f"{cfg['weighting']}-{cfg['density']}-{cfg['model']}-{cfg['preset']}")
+        try:
+            os.mkdir(run_dir)
+        except FileExistsError:
+            continue
+        _claim_run_dir(run_dir)
+        return run_dir
 
 
 @torch.no_grad()
@@ -326,8 +388,7 @@ def generate(obj, net, shape, n: int, *, seed: int, steps: int, device, batch: i
 
 def load_for_sampling(path: str, device) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
     """(config, EMA network, objective) from a checkpoint file or run directory."""
-    path = ckpt_io.resolve(path)
-    state = ckpt_io.load(path)
+    path, state = ckpt_io.load_newest(path, "--ckpt")
     cfg = state["config"]
     net = build_net(cfg["model"], cfg["preset"], tuple(state["data"]["shape"]),
                     num_classes=state["data"].get("classes", 0))
@@ -444,21 +505,24 @@ def _init_device(cfg: dict) -> tuple[torch.device, int, int]:
 
 
 def _load_resume(cfg: dict, explicit: set) -> tuple[dict, dict | None, str | None]:
-    """(config, checkpoint state, run directory) for --resume; (cfg, None, None) without it."""
+    """(config, checkpoint state, checkpoint file) for --resume; (cfg, None, None) without it."""
     if not cfg["resume"]:
         return cfg, None, None
-    path = ckpt_io.resolve(cfg["resume"])
-    resume = ckpt_io.load(path)
+    path, resume = ckpt_io.load_newest(cfg["resume"])
     saved = resume["config"]
     clash = [k for k in IDENTITY if k in explicit and cfg[k] != saved.get(k)]
     if clash:
         raise ConfigError(f"checkpoint {path} is from another configuration: " + ", ".join(
             f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved.get(k)!r})" for k in clash))
-    # Options not given again continue as saved (the run's length included).
-    # Where and how it runs (device, compile, threads, ref_dist) is decided afresh on this machine.
-    keep = set(cfg) - explicit - {"resume", "device", "compile", "threads", "ref_dist"}
+    # Options not given again continue as saved (the run's length included), the CPU thread count
+    # too: results differ with it, and a resume must continue bit for bit. Where and how it runs
+    # (device, compile, ref_dist) is decided afresh on this machine.
+    keep = set(cfg) - explicit - {"resume", "device", "compile", "ref_dist"}
     cfg = {**cfg, **{k: v for k, v in saved.items() if k in keep}}
-    return cfg, resume, os.path.dirname(os.path.abspath(path))
+    if "threads" in explicit and saved.get("threads") and cfg["threads"] != saved["threads"]:
+        warnings.warn(f"--threads {cfg['threads']} overrides the run's {saved['threads']} CPU thread(s): results "
+                      f"depend on the thread count, so the run will not continue bit for bit")
+    return cfg, resume, path
 
 
 def _configure_host(cfg: dict, device: torch.device) -> None:
@@ -469,6 +533,7 @@ def _configure_host(cfg: dict, device: torch.device) -> None:
             threads = 1
         if threads > 0:
             torch.set_num_threads(threads)
+        cfg["threads"] = torch.get_num_threads()     # saved with the run, reused by a resume
     if cfg["compile"] is None:
         cfg["compile"] = device.type == "cuda"
     if cfg["compile"] and device.type == "cpu" and not _compiler_usable():
@@ -480,14 +545,23 @@ def setup_run(cfg: dict, explicit: set) -> Run:
     """Device, process group, resume, data, network, objective, optimizer and run directory:
     everything before the first step. A failure here stops the run before any step."""
     device, world, rank = _init_device(cfg)
-    cfg, resume, run_dir = _load_resume(cfg, explicit)
+    cfg, resume, resumed = _load_resume(cfg, explicit)
     check_config(cfg)
+    run_dir = os.path.dirname(os.path.abspath(resumed)) if resumed else None
+    if resumed and rank == 0:
+        _claim_run_dir(run_dir, resumed)
     _configure_host(cfg, device)
 
     dataset = load_dataset(cfg["data"], cfg["resolution"], cfg["xflip"])
     shape = dataset.shape
     if cfg["model"] == "unet" and len(shape) == 1:
         raise ConfigError(f"--data {cfg['data']} is vector data of shape {shape}: use --model mlp")
+    if dataset.is_image and cfg["fid_ref"] != "proxy" and cfg["fid_every"] != -1:
+        try:
+            import cleanfid  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--fid-ref {cfg['fid_ref']} (Inception FID) needs clean-fid: pip install clean-fid; "
+                              f"or use --fid-ref proxy, or --fid-every -1") from None
     torch.manual_seed(cfg["seed"])           # the same initial network on every rank
     classes = len(dataset.classes) if cfg.get("cond") and dataset.require_labels() is not None else 0
     try:
@@ -517,13 +591,17 @@ def setup_run(cfg: dict, explicit: set) -> Run:
               images_per_step=images_per_step)
     if resume is not None:
         _restore(run, resume)
+        run.last_good = resumed
         del resume
     else:
-        run.run_dir = _new_run_dir(cfg)
+        run.run_dir = _new_run_dir(cfg) if rank == 0 else None
+        if world > 1:                            # one name for all ranks: rank 0's
+            box = [run.run_dir]
+            torch.distributed.broadcast_object_list(box, src=0)
+            run.run_dir = box[0]
     if rank == 0:
-        os.makedirs(run.run_dir, exist_ok=True)
-        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
-            json.dump({**cfg, "world_size": world, "total_steps": total_steps, "data_info": data_info}, f, indent=2)
+        ckpt_io.write_atomic(os.path.join(run.run_dir, "config.json"), json.dumps(
+            {**cfg, "world_size": world, "total_steps": total_steps, "data_info": data_info}, indent=2).encode())
     return run
 
 
@@ -665,11 +743,16 @@ def save_checkpoint(run: Run) -> str | None:
     if rank != 0:
         return None
     path = os.path.join(run.run_dir, f"checkpoint-{run.step:07d}.pt")
-    ckpt_io.save({"config": run.cfg, "step": run.step, "data": run.data_info, "net": run.net.state_dict(),
-                  "ema": run.ema.state_dict(), "opt": run.opt.state_dict(), "obj": run.obj.state_dict(),
-                  "rank_states": states}, path)
-    for old in ckpt_io.list_checkpoints(run.run_dir)[:-run.cfg["keep"]]:
-        os.remove(old)
+    midway = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if run.step == _fault("killwrite") else None
+    try:
+        ckpt_io.save({"config": run.cfg, "step": run.step, "data": run.data_info, "net": run.net.state_dict(),
+                      "ema": run.ema.state_dict(), "opt": run.opt.state_dict(), "obj": run.obj.state_dict(),
+                      "rank_states": states}, path, midway=midway)
+    except ckpt_io.CheckpointWriteError as e:
+        raise ckpt_io.CheckpointWriteError(
+            f"{e}. " + (f"Continue from {run.last_good} with --resume {run.run_dir} once there is room"
+                        if run.last_good else "No checkpoint of this run was written")) from None
+    ckpt_io.prune(run.run_dir, run.cfg["keep"])
     return path
 
 
@@ -729,8 +812,10 @@ def _log_progress(run: Run, loss_sum: torch.Tensor, n_sum: int, seconds: float, 
     if not math.isfinite(mean_loss):
         bar.close()
         msg = (f"loss became {mean_loss} between steps {run.step - n_sum} and {run.step}; stopping. "
-               + (f"Last good checkpoint: {run.last_good}" if run.last_good else "No checkpoint was written.")
-               + " Lower --lr, raise --warmup or set --grad-clip, then resume from the checkpoint.")
+               + (f"Last good checkpoint: {run.last_good}." if run.last_good else "No checkpoint was written.")
+               + " The options were checked and the data are finite, so the optimization diverged: --lr, --warmup "
+                 "and --grad-clip are fixed for a run's checkpoints, so start a new run (another --name) with a "
+                 "lower --lr, a longer --warmup or a --grad-clip.")
         raise FloatingPointError(msg)
     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
     if run.rank == 0:
@@ -813,8 +898,8 @@ def training_loop(cfg: dict, explicit: set) -> str:
         if step % cfg["ckpt_every"] == 0 or done:
             finite = torch.stack([p.isfinite().all() for p in net_params]).all()
             if not bool(finite):
-                raise FloatingPointError(f"parameters became non-finite by step {step}; stopping. Last good "
-                                         f"checkpoint: {run.last_good}")
+                raise FloatingPointError(f"parameters became non-finite by step {step}; stopping. " + (
+                    f"Last good checkpoint: {run.last_good}." if run.last_good else "No checkpoint was written."))
             run.last_good = save_checkpoint(run) or run.last_good
         if (cfg["sample_every"] and step % cfg["sample_every"] == 0) or (cfg["fid_every"] > 0 and
                                                                          step % cfg["fid_every"] == 0) or done:
@@ -867,7 +952,14 @@ def main(argv=None) -> int:
     except FloatingPointError as e:
         print(f"fastdiff.train: error: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"fastdiff.train: error: no space left on the device writing {e.filename or 'a file'}; the "
+              f"checkpoints written so far are intact: free space and continue with --resume", file=sys.stderr)
+        return 2
     finally:
+        runlock.release_all()
         _close_process_group()
     return 0
 
