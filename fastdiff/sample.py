@@ -1,6 +1,8 @@
-"""Write samples of a trained model as PNGs: `python -m fastdiff.sample --ckpt RUN --n 50000 --out DIR`.
+"""Write samples of a trained model for FID tools: `python -m fastdiff.sample --ckpt RUN --n 50000 --out DIR`.
 
-DIR/000000.png ... for external FID tools (e.g. clean-fid's compute_fid(DIR, ...)).
+PNGs DIR/000000.png ... (e.g. clean-fid's compute_fid(DIR, ...)), or with `--format npz`
+(or an --out ending in .npz) one array file, uint8 (N, H, W, C) under "arr_0" as the
+guided-diffusion / ADM evaluator reads it (vector data: float32 (N, D)).
 
 `fastdiff.sample` is also the sampling function (fastdiff.sampling.sample); this
 module stays callable as that function, so `import fastdiff.sample` does not
@@ -19,45 +21,139 @@ from fastdiff.sampling import SAMPLERS
 from fastdiff.sampling import sample as _sample
 
 
+class UsageError(Exception):
+    """A bad option value: one line, exit 2."""
+
+
+def parse_device(text: str | None) -> torch.device:
+    """cpu or cuda[:N], checked to exist here."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be cpu or cuda[:N], got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: no CUDA device is available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise UsageError(f"--device must be cpu or cuda[:N], got {text!r}")
+    return device
+
+
+def check_output(args) -> str:
+    """The output format; raises UsageError for an --out or --grid that cannot be written (before sampling)."""
+    fmt = args.format or ("npz" if args.out.endswith(".npz") else "png")
+    if fmt == "npz":
+        if not args.out.endswith(".npz"):
+            raise UsageError(f"--out must name a .npz file with --format npz, got {args.out!r}")
+        if os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a directory; --format npz writes one .npz file")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--out {args.out}: directory {parent} does not exist")
+    elif os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; --format png writes a directory of PNGs "
+                         f"(for one array file use --format npz with an --out ending in .npz)")
+    if args.grid is not None:
+        parent = os.path.dirname(os.path.abspath(args.grid))
+        if os.path.isdir(args.grid):
+            raise UsageError(f"--grid {args.grid} is a directory; give a file name such as grid.png")
+        if not os.path.isdir(parent):
+            raise UsageError(f"--grid {args.grid}: directory {parent} does not exist")
+    return fmt
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+    # A redirected log gets an update every 30 s instead of a stream of carriage returns.
+    return tqdm(total=total, unit="img", desc="sampling", file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+
 def main(argv=None) -> int:
     from fastdiff import checkpoint as ckpt_io
     from fastdiff.eval import save_grid, write_pngs
+    from fastdiff.eval.images import to_uint8
     from fastdiff.train import ConfigError, generate, load_for_sampling
 
-    p = argparse.ArgumentParser(prog="python -m fastdiff.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m fastdiff.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory (its newest checkpoint)")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", required=True, help="output directory for 000000.png, ...")
-    p.add_argument("--batch", type=int, default=500, help="samples per sampler call")
-    p.add_argument("--sampler", default="heun", choices=list(SAMPLERS), help="sampler")
-    p.add_argument("--steps", type=int, default=18, help="sampler steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    p.add_argument("--out", required=True, help="output: a directory for 000000.png, ... or a file.npz")
+    p.add_argument("--format", choices=["png", "npz"], default=None,
+                   help="png: one file per sample; npz: one uint8 NHWC array under 'arr_0' "
+                        "(default: npz if --out ends in .npz, else png)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="samples per sampler call (default: 500 on CUDA, 64 on the CPU)")
+    p.add_argument("--sampler", default="heun", choices=list(SAMPLERS), metavar="SAMPLER",
+                   help=f"one of {', '.join(SAMPLERS)} (default: heun)")
+    p.add_argument("--steps", type=int, default=18,
+                   help="noise levels of the schedule (EDM's num_steps; heun makes 2 * steps - 1 "
+                        "network calls per sample; default: 18)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: torch's default)")
+    p.add_argument("--class", dest="class_label", default=None,
+                   help="a class-conditional model (--cond): sample this class (an index), or 'null' for the "
+                        "unconditional model; default: classes 0, 1, ... in turn")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance weight: 1 the conditional model, 0 the unconditional, > 1 guided")
     p.add_argument("--grid", default=None, help="also write the first 64 samples as one grid PNG here")
     args = p.parse_args(argv)
-    if args.n <= 0 or args.batch <= 0:
-        p.error("--n and --batch must be positive")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        for name in ("n", "steps"):
+            if getattr(args, name) <= 0:
+                raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+        if args.batch is not None and args.batch <= 0:
+            raise UsageError(f"--batch must be a positive integer, got {args.batch}")
+        if args.threads < 0:
+            raise UsageError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+        device = parse_device(args.device)
+        fmt = check_output(args)
         cfg, net, obj = load_for_sampling(args.ckpt, device)
-    except (ckpt_io.CheckpointError, ConfigError) as e:
+    except (UsageError, ckpt_io.CheckpointError, ConfigError) as e:
         print(f"fastdiff.sample: error: {e}", file=sys.stderr)
         return 2
-    done = 0
-    for batch in generate(obj, net, net.img_shape, args.n, seed=args.seed, steps=args.steps, device=device,
-                          batch=args.batch, sampler=args.sampler, progress=False):
-        if batch.dim() == 2:
-            os.makedirs(args.out, exist_ok=True)
-            torch.save(batch, os.path.join(args.out, f"samples-{done:06d}.pt"))
-        else:
-            write_pngs(batch, args.out, start=done)
-        if args.grid and done == 0:
-            save_grid(batch[:64], args.grid)
-        done += len(batch)
-        print(f"{done}/{args.n} samples", file=sys.stderr)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    batch = args.batch or (500 if device.type == "cuda" else 64)
+    if fmt == "png":
+        os.makedirs(args.out, exist_ok=True)
+    arrays, done = [], 0
+    with _progress_bar(args.n) as bar:
+        for samples in generate(obj, net, net.img_shape, args.n, seed=args.seed, steps=args.steps, device=device,
+                                batch=batch, sampler=args.sampler, progress=False):
+            if fmt == "npz":
+                arrays.append(samples.float().numpy() if samples.dim() == 2 else to_uint8(samples))
+            elif samples.dim() == 2:
+                torch.save(samples, os.path.join(args.out, f"samples-{done:06d}.pt"))
+            else:
+                write_pngs(samples, args.out, start=done)
+            if args.grid and done == 0:
+                save_grid(samples[:64], args.grid)
+            done += len(samples)
+            bar.update(len(samples))
+    if fmt == "npz":
+        _save_npz(args.out, arrays)
     print(f"wrote {done} samples to {args.out}")
     return 0
+
+
+def _save_npz(path: str, arrays) -> None:
+    """One array under "arr_0", written atomically (a reader never sees a partial file)."""
+    import numpy as np
+
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez(tmp, arr_0=np.concatenate(arrays))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class _CallableModule(types.ModuleType):

@@ -597,3 +597,75 @@ def test_cuda_sampling_matches_torch_backend(sampler):
     a, b = run("torch"), run("auto")
     assert a.device.type == "cuda" and bool(torch.isfinite(a).all())
     torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------
+# python -m fastdiff.sample
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step training run on the shipped digits (in process: no subprocess start-up)."""
+    from fastdiff.train import main as train_main
+    from test_train import TINY
+    out = tmp_path_factory.mktemp("runs")
+    assert train_main([*TINY, "--steps", "2", "--out", str(out), "--name", "tiny"]) == 0
+    return out / "tiny"
+
+
+def _sample_cli(*args):
+    from fastdiff.sample import main
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--steps", "-3"], "--steps must be a positive integer"),
+    (["--n", "0"], "--n must be a positive integer"),
+    (["--batch", "-1"], "--batch must be a positive integer"),
+    (["--threads", "-2"], "--threads must be >= 0"),
+    (["--device", "bogus"], "--device must be cpu or cuda"),
+    (["--device", "mps"], "--device must be cpu or cuda"),
+    (["--out", "{file}"], "is a file"),
+    (["--out", "{tmp}/x.npz", "--format", "npz", "--grid", "{tmp}/missing/grid.png"], "does not exist"),
+    (["--out", "{tmp}/missing/x.npz"], "does not exist"),
+    (["--out", "{tmp}/dir", "--format", "npz"], "must name a .npz file"),
+    (["--grid", "{tmp}"], "is a directory"),
+])
+def test_sample_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    """Bad values end with one line and exit 2 before any sampling (the checkpoint does not even exist)."""
+    (tmp_path / "a-file").write_text("x")
+    args = [a.format(tmp=tmp_path, file=tmp_path / "a-file") for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    assert _sample_cli("--ckpt", tmp_path / "no-such-run", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastdiff.sample: error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_cli_cuda_without_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    assert _sample_cli("--ckpt", tmp_path, "--out", tmp_path / "o", "--device", "cuda") == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_sample_cli_npz_and_progress(tiny_run, tmp_path, capsys):
+    out = tmp_path / "samples.npz"
+    assert _sample_cli("--ckpt", tiny_run, "--n", 5, "--batch", 2, "--steps", 2, "--out", out, "--threads", 1,
+                       "--sampler", "dpmpp_2m_sde", "--grid", tmp_path / "grid.png") == 0
+    err = capsys.readouterr().err
+    assert "sampling" in err and "5/5" in err                  # the tqdm bar over samples, with its ETA
+    with np.load(out) as f:
+        assert list(f.keys()) == ["arr_0"]
+        arr = f["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (5, 8, 8, 1)
+    assert (tmp_path / "grid.png").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    # The same samples as PNGs (same seed, same batches).
+    from PIL import Image
+    assert _sample_cli("--ckpt", tiny_run, "--n", 5, "--batch", 2, "--steps", 2, "--out", tmp_path / "png",
+                       "--sampler", "dpmpp_2m_sde") == 0
+    with Image.open(tmp_path / "png" / "000004.png") as im:
+        assert np.array_equal(np.asarray(im), arr[4, :, :, 0])
