@@ -139,7 +139,7 @@ class EvalSet:
             self.ref_mix.append(mixture.denoiser(x.double(), s) if mixture is not None else None)
         bands = torch.arange(EVAL_LEVELS) * EVAL_BANDS // EVAL_LEVELS
         self.bands = bands.tolist()
-        self.band_sigma = [[float(self.sigma[bands == b].max()), float(self.sigma[bands == b].min())]
+        self.band_sigma = [[float(self.sigma[bands == b].min()), float(self.sigma[bands == b].max())]
                            for b in range(EVAL_BANDS)]
 
     @torch.no_grad()
