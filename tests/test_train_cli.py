@@ -79,3 +79,21 @@ def test_no_importance_weighting_reaches_the_objective(tmp_path, capsys):
     assert cfg["importance_weighting"] is False and obj.importance_weighted is False
     code = main([*GMM, "--steps", "1", "--out", out, "--no-importance-weighting", "--density", "adaptive"])
     assert code == 2 and "adaptive" in capsys.readouterr().err
+
+
+def test_printed_sample_command_runs(tmp_path, capsys):
+    """The command printed after training works as printed (at a smaller --n): one .npz of uint8 images."""
+    import shlex
+    import numpy as np
+    from fastdiff.sample import main as sample_main
+    out = str(tmp_path / "runs")
+    assert main(["--preset", "tiny", "--batch", "16", "--ref-size", "32", "--fid-every", "-1", "--sample-steps", "2",
+                 "--warmup", "1", "--device", "cpu", "--no-compile", "--steps", "1", "--out", out]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "fastdiff.sample" in x and "sample:" in x)
+    argv = shlex.split(line.split("sample:", 1)[1])[3:]          # drop "python -m fastdiff.sample"
+    argv[argv.index("--n") + 1] = "3"
+    assert sample_main([*argv, "--steps", "2"]) == 0
+    path = argv[argv.index("--out") + 1]
+    assert path.endswith(".npz")
+    arr = np.load(path)["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (3, 8, 8, 1)
