@@ -279,12 +279,12 @@ def load_newest(path: str, option: str = "--resume") -> tuple[str, dict]:
         raise CheckpointError(f"{e}{hint}") from None
 
 
-def check_newer(path: str) -> list[tuple[str, str]]:
-    """Before training continues from checkpoint `path`: its run directory must hold no newer checkpoint
-    but damaged ones, which are moved aside (never deleted). Returns [(damaged file, where it went)];
-    raises CheckpointError if a newer intact checkpoint exists (continuing would overwrite it).
-    Call it only while holding the run's lock."""
-    run_dir, step = os.path.dirname(os.path.abspath(path)), step_of(path)
+def check_newer(path: str, step: int) -> list[tuple[str, str]]:
+    """Before training continues from checkpoint `path` (of step `step`; its name need not say it): its
+    run directory must hold no newer checkpoint but damaged ones, which are moved aside (never deleted).
+    Returns [(damaged file, where it went)]; raises CheckpointError if a newer intact checkpoint exists
+    (continuing would overwrite it). Call it only while holding the run's lock."""
+    run_dir = os.path.dirname(os.path.abspath(path))
     newer = [f for f in list_checkpoints(run_dir) if step_of(f) > step]
     good = [f for f in newer if verify(f) is None]
     if good:

@@ -324,10 +324,10 @@ def _make_objective(cfg: dict):
                           f"{cfg['weighting']} --density {cfg['density']}): {e}") from None
 
 
-def _claim_run_dir(run_dir: str, resumed: str | None = None) -> None:
+def _claim_run_dir(run_dir: str, resumed: str | None = None, step: int = 0) -> None:
     """Lock run_dir for this process (the lock lasts until it ends or main() returns), then tidy what
     killed runs left: unfinished temporary checkpoints, and damaged checkpoints newer than `resumed`
-    (moved aside; an intact newer one stops the run: continuing would overwrite it)."""
+    (of step `step`; moved aside; an intact newer one stops the run: continuing would overwrite it)."""
     try:
         runlock.RunLock(run_dir)
     except runlock.RunLockError as e:
@@ -335,7 +335,7 @@ def _claim_run_dir(run_dir: str, resumed: str | None = None) -> None:
     for f in ckpt_io.remove_temporaries(run_dir):
         print(f"removed {f}: an unfinished checkpoint write of a killed run")
     if resumed is not None:
-        for f, aside in ckpt_io.check_newer(resumed):
+        for f, aside in ckpt_io.check_newer(resumed, step):
             print(f"moved {f} aside to {os.path.basename(aside)}: it is damaged (a checksum mismatch or truncation)")
 
 
@@ -549,7 +549,7 @@ def setup_run(cfg: dict, explicit: set) -> Run:
     check_config(cfg)
     run_dir = os.path.dirname(os.path.abspath(resumed)) if resumed else None
     if resumed and rank == 0:
-        _claim_run_dir(run_dir, resumed)
+        _claim_run_dir(run_dir, resumed, resume["step"])
     _configure_host(cfg, device)
 
     dataset = load_dataset(cfg["data"], cfg["resolution"], cfg["xflip"])

@@ -26,6 +26,7 @@ from fastdiff import checkpoint as ckpt_io
 from fastdiff import runlock
 from fastdiff.data import DataError, load_dataset
 from fastdiff.train import main
+from test_train import _assert_bitwise_equal as _equal     # tests/ is on sys.path under pytest
 
 VEC = ["--data", "gmm", "--model", "mlp", "--batch", "16", "--ref-size", "64", "--fid-every", "-1",
        "--sample-steps", "2", "--log-every", "1", "--warmup", "2", "--device", "cpu", "--no-compile"]
@@ -56,21 +57,6 @@ def _error_line(err: str, tool: str = "train") -> str:
 
 def _names(run_dir):
     return sorted(os.listdir(run_dir))
-
-
-def _equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def _damage(path, at=-200):
