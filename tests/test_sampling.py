@@ -418,7 +418,15 @@ def test_bad_arguments():
         sample(gmm.denoiser, (2, 2), dtype=torch.float16)
     with pytest.raises(ValueError, match="shape must be"):
         sample(gmm.denoiser, (2, 0))
-    with pytest.raises(ValueError, match="eta must be a number >= 0"):
+    with pytest.raises(ValueError, match="S_noise must be a finite number >= 0"):
+        sample(gmm.denoiser, (2, 2), sampler="euler", S_churn=1.0, S_noise=float("inf"))
+    with pytest.raises(ValueError, match="solver_type must be 'midpoint' or 'heun'"):
+        sample(gmm.denoiser, (2, 2), sampler="dpmpp_2m_sde", solver_type="euler")
+    with pytest.raises(ValueError, match="order must be an integer >= 1"):
+        sample(gmm.denoiser, (2, 2), sampler="lms", order=0)
+    with pytest.raises(ValueError, match="r must be a number in"):
+        sample(gmm.denoiser, (2, 2), sampler="dpmpp_sde", r=0.0)
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         sample(gmm.denoiser, (2, 2), sampler="ddim", eta=-1.0)
     with pytest.raises(ValueError, match="snr must be a positive"):
         sample(gmm.denoiser, (2, 2), sampler="pc", snr=0.0)
@@ -588,7 +596,8 @@ def test_iddpm_schedule():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "ddpm", "pc"])
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "ddpm", "pc", "lms", "dpm_2", "dpmpp_sde", "dpmpp_2m_sde",
+                                     "dpmpp_3m_sde"])
 def test_cuda_sampling_matches_torch_backend(sampler):
     """On the GPU the auto backend (CUDA kernels, else Triton) reproduces the torch backend's run."""
     gmm = _mixture().to(device="cuda")

@@ -76,7 +76,8 @@ def check_sigmas(sigmas) -> list[float]:
             raise TypeError(f"sigmas must hold real numbers, got {arr.dtype} values")
         values = arr.astype(np.float64).tolist()
     else:
-        raise TypeError(f"sigmas must be a 1-D tensor, array, list or tuple of noise levels, got {type(sigmas).__name__}")
+        raise TypeError(f"sigmas must be a 1-D tensor, array, list or tuple of noise levels, "
+                        f"got {type(sigmas).__name__}")
     if len(values) < 2:
         raise ValueError(f"sigmas must hold at least one noise level and the final 0, got {values}")
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]

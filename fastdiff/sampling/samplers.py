@@ -70,13 +70,9 @@ def _check_option(name: str, value, ok: bool, expected: str) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-def _nonneg(name: str, value) -> None:
-    _check_option(name, value, isinstance(value, (int, float)) and value >= 0, "a number >= 0")
-
-
-def default_noise_sampler(x: torch.Tensor):
-    """k-diffusion's default: fresh draws from torch's global generator."""
-    return lambda sigma, sigma_next: torch.randn_like(x)
+def _nonneg(name: str, value, inf_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and value >= 0 and (inf_ok or math.isfinite(value))
+    _check_option(name, value, ok, "a number >= 0" if inf_ok else "a finite number >= 0")
 
 
 class BrownianIncrements:
@@ -99,6 +95,11 @@ class BrownianIncrements:
         return z
 
 
+def default_noise_sampler(x: torch.Tensor):
+    """Draws from torch's global generator (k-diffusion's default), as BrownianIncrements."""
+    return BrownianIncrements(lambda sigma, sigma_next: torch.randn_like(x))
+
+
 # ----------------------------------------------------------------------------
 # steps shared by the samplers
 # ----------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class BrownianIncrements:
 def lincomb(x, a: float, *terms, backend: str):
     """a x + sum_k c_k t_k for terms (c_k, t_k), two terms per fused kernel (affine_step).
 
-    Terms with c_k = 0 are left out (so a draw that is not used costs nothing)."""
+    Terms with c_k = 0 are left out (their tensor may be None)."""
     terms = [(c, t) for c, t in terms if c != 0.0]
     if not terms:
         return affine_step(x, x, a, 0.0, backend=backend)
@@ -117,7 +118,8 @@ def lincomb(x, a: float, *terms, backend: str):
 
 
 def euler_step(x, denoised, sigma: float, sigma_next: float, backend: str, noise=None, noise_scale: float = 0.0):
-    """x + (sigma_next - sigma) (x - D) / sigma (+ noise_scale * noise), i.e. r x + (1 - r) D with r = sigma_next / sigma.
+    """x + (sigma_next - sigma) (x - D) / sigma (+ noise_scale * noise), i.e. r x + (1 - r) D (+ ...) with
+    r = sigma_next / sigma.
 
     This is also DDIM (eta = 0) and first-order DPM-Solver++ in VE form; at
     sigma_next = 0 it returns D.
@@ -142,8 +144,9 @@ class Churn:
     gamma = min(S_churn / steps, sqrt(2) - 1) where S_tmin <= sigma <= S_tmax, else 0 (and no draw)."""
 
     def __init__(self, steps: int, S_churn, S_tmin, S_tmax, S_noise):
-        for name, v in (("S_churn", S_churn), ("S_tmin", S_tmin), ("S_tmax", S_tmax), ("S_noise", S_noise)):
+        for name, v in (("S_churn", S_churn), ("S_tmin", S_tmin), ("S_noise", S_noise)):
             _nonneg(name, v)
+        _nonneg("S_tmax", S_tmax, inf_ok=True)
         self.gamma = min(S_churn / steps, math.sqrt(2) - 1)
         self.S_tmin, self.S_tmax, self.S_noise = S_tmin, S_tmax, S_noise
 
@@ -157,9 +160,9 @@ class Churn:
 
 
 def dpm_2_step(denoise, x, denoised, sigma: float, sigma_next: float, backend: str):
-    """DPM-Solver-2 as k-diffusion writes it: an Euler step to sigma_mid = sqrt(sigma sigma_next) (the midpoint
-    in log sigma), then the full step with the derivative there, x + (sigma_next - sigma) (x_mid - D_mid) / sigma_mid.
-    The step to 0 is an Euler step."""
+    """DPM-Solver-2 as k-diffusion writes it: an Euler step to sigma_mid = sqrt(sigma sigma_next) (the
+    midpoint in log sigma), then the full step with the derivative there,
+    x + (sigma_next - sigma) (x_mid - D_mid) / sigma_mid. The step to 0 is an Euler step."""
     if sigma_next == 0:
         return euler_step(x, denoised, sigma, 0.0, backend)
     sigma_mid = math.sqrt(sigma * sigma_next)
