@@ -538,6 +538,19 @@ def test_churn_draws_only_where_it_applies(sampler):
     assert seen == [s for s in grid[:-1] if 0.05 <= s <= 10.0] and 0 < len(seen) < 8
 
 
+def test_dpm_2_ancestral_keeps_noise_when_sigma_down_is_0():
+    """eta > 1 can make sigma_down 0 before sigma_next is: the step denoises, then adds its sigma_up = sigma_next
+    noise (k-diffusion drops it), so the state keeps the noise level the next step expects."""
+    gmm = _mixture()
+    grid = [80.0, 1.0, 0.5, 0.0]
+    calls = []
+    x = sample(gmm.denoiser, (8, 2), sampler="dpm_2_ancestral", sigmas=grid, eta=50.0,
+               noise_sampler=lambda s, t: calls.append(float(t)) or torch.randn(8, 2, dtype=torch.float64),
+               generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert calls == [1.0, 0.5]
+    assert bool(torch.isfinite(x).all())
+
+
 def test_noise_sampler_errors():
     gmm = _mixture()
     with pytest.raises(ValueError, match="noise_sampler returned shape"):
