@@ -50,22 +50,23 @@ def _published(active: bool):
 
 
 def _bench(benchmark, *, device, preset, shape, batch, objective, ref_size, compile, precision, rounds,
-           published=False):
+           published=False, refs=None):
     torch.manual_seed(0)
     net = build_net("unet", preset, shape).to(device).train()
     obj = make_objective(objective=objective).to(device)
     opt = torch.optim.Adam(list(net.parameters()) + list(obj.parameters()), lr=1e-4, fused=device.type == "cuda")
     step = make_step(net, obj, opt, device=device, bf16=precision == "bf16", compile=compile, grad_clip=1.0)
     y = torch.rand(batch, *shape, device=device) * 2 - 1
-    extra = torch.rand(ref_size - batch, *shape, device=device) * 2 - 1 if objective == "stf" else None
+    extra = torch.rand(ref_size - batch, *shape, device=device) * 2 - 1 if objective == "stf" and not refs else None
 
     def run():
-        step(y, extra, 1e-4)
+        step(y, extra, 1e-4, refs=refs)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     # group and peer before pedantic, which copies the group into the stats it creates
-    name = "dsm" if objective == "dsm" else f"stf-{ref_size}" + ("-published" if published else "")
+    name = "dsm" if objective == "dsm" else f"stf-{ref_size}" + ("-published" if published else "") + \
+        (f" ({len(refs['ref'])} rows)" if refs else "")
     benchmark.group = f"train step {preset} {shape[-1]}x{shape[-1]} b{batch} {precision}"
     benchmark.extra_info["peer"] = f"{name} {'compiled' if compile else 'eager'}"
     with _published(published):
@@ -107,3 +108,13 @@ def test_train_step_cuda(benchmark, objective, ref_size, compile, precision):
 def test_train_step_cpu(benchmark, objective, ref_size, published):
     _bench(benchmark, device=torch.device("cpu"), preset="tiny", shape=(1, 8, 8), batch=32, objective=objective,
            ref_size=ref_size, compile=False, precision="fp32", rounds=3, published=published)
+
+
+def test_train_step_cpu_whole_set(benchmark):
+    """--ref-size all on the digits (N = 1797 reference rows every step), beside the DSM step of
+    test_train_step_cpu (same group). Target: <= 1.2x the DSM step."""
+    from fastdiff import refsets
+    from fastdiff.data import load_dataset
+    whole = refsets.make_refset("uniform", load_dataset("digits"), None, batch=32, ref_size="all")(None, None)
+    _bench(benchmark, device=torch.device("cpu"), preset="tiny", shape=(1, 8, 8), batch=32, objective="stf",
+           ref_size="all", compile=False, precision="fp32", rounds=3, refs={"ref": whole.ref})

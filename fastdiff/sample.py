@@ -25,6 +25,29 @@ class UsageError(Exception):
     """A bad option value: one line, exit 2."""
 
 
+def _class_labels(args, classes: int):
+    """The class of every sample from --class (None: the default for the model), checked against the model."""
+    from fastdiff.nn import NULL_CLASS
+    if not classes:
+        if args.class_label is not None or args.guidance != 1.0:
+            raise UsageError("--class and --guidance need a class-conditional model (trained with --cond)")
+        return None
+    if not (args.guidance == args.guidance and abs(args.guidance) != float("inf")):
+        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.class_label is None:
+        return None
+    if args.class_label == "null":
+        return torch.full((args.n,), NULL_CLASS, dtype=torch.long)
+    try:
+        c = int(args.class_label)
+    except ValueError:
+        c = -2
+    if not 0 <= c < classes:
+        raise UsageError(f"--class must be an index in [0, {classes}) or 'null' for this model, got "
+                         f"{args.class_label!r}")
+    return torch.full((args.n,), c, dtype=torch.long)
+
+
 def parse_device(text: str | None) -> torch.device:
     """cpu or cuda[:N], checked to exist here."""
     if text is None:
@@ -115,6 +138,7 @@ def main(argv=None) -> int:
         device = parse_device(args.device)
         fmt = check_output(args)
         cfg, net, obj = load_for_sampling(args.ckpt, device)
+        class_labels = _class_labels(args, getattr(net, "num_classes", 0))
     except (UsageError, ckpt_io.CheckpointError, ConfigError) as e:
         print(f"fastdiff.sample: error: {e}", file=sys.stderr)
         return 2
@@ -126,7 +150,8 @@ def main(argv=None) -> int:
     arrays, done = [], 0
     with _progress_bar(args.n) as bar:
         for samples in generate(obj, net, net.img_shape, args.n, seed=args.seed, steps=args.steps, device=device,
-                                batch=batch, sampler=args.sampler, progress=False):
+                                batch=batch, sampler=args.sampler, progress=False, class_labels=class_labels,
+                                guidance=args.guidance):
             if fmt == "npz":
                 arrays.append(samples.float().numpy() if samples.dim() == 2 else to_uint8(samples))
             elif samples.dim() == 2:

@@ -772,6 +772,8 @@ def evaluate(run: Run, final: bool) -> dict | None:
     record = {"step": run.step, "samples": grid}
     if fid is not None:
         record[f"fid_{'proxy' if cfg['fid_ref'] == 'proxy' else 'clean'}"] = fid
+        if "per_class" in run.proxy:
+            record["fid_proxy_per_class"] = run.proxy.pop("per_class")
     run.append_metrics(record)
     return record
 
@@ -794,9 +796,14 @@ def compute_fid(run: Run) -> float | None:
     if "net" not in run.proxy:
         with torch.random.fork_rng(devices=[]):
             real = run.dataset.get(torch.arange(len(run.dataset), device=run.device)).cpu()
-            labels = fd_eval.digits_labels() if cfg["data"] == "digits" else None
+            labels = None if run.dataset.labels is None else run.dataset.labels.cpu()
             run.proxy["net"] = fd_eval.train_proxy(real, labels, steps=200, seed=cfg["seed"])
             run.proxy["real"] = real
+    classes = getattr(run.ema, "num_classes", 0)
+    if classes:     # generate's default labels: 0, 1, ... in turn on every rank's share
+        labels = torch.cat([torch.arange(c) % classes for c in counts])
+        run.proxy["per_class"] = fd_eval.fid_per_class(samples, labels, run.proxy["real"],
+                                                       run.dataset.labels.cpu(), run.proxy["net"])
     return fd_eval.fid(samples, run.proxy["real"], run.proxy["net"])
 
 
@@ -908,7 +915,7 @@ def training_loop(cfg: dict, explicit: set) -> str:
             record = evaluate(run, final=done)
             if record:
                 bar.write(f"step {step}: samples {record['samples']}" + "".join(
-                    f", {k} {v:.2f}" for k, v in record.items() if k.startswith("fid")))
+                    f", {k} {v:.2f}" for k, v in record.items() if k.startswith("fid") and isinstance(v, float)))
     bar.close()
     run.log(f"done: {run.run_dir}\n  train longer (--steps is the new total, now {run.total_steps}): "
             f"{resume_cmd} --steps {2 * run.total_steps}\n  sample: {sample_cmd}")

@@ -1,7 +1,7 @@
 """Evaluation: FID (clean-fid's Inception features, or any feature extractor) and a fast proxy FID."""
-from fastdiff.eval.fid import extract, feature_stats, fid, frechet_distance, load_stats, save_stats
+from fastdiff.eval.fid import extract, feature_stats, fid, fid_per_class, frechet_distance, load_stats, save_stats
 from fastdiff.eval.images import save_grid, write_pngs
 from fastdiff.eval.proxy import ProxyFeatures, digits_labels, train_proxy
 
-__all__ = ["extract", "feature_stats", "fid", "frechet_distance", "load_stats", "save_stats", "write_pngs", "save_grid",
+__all__ = ["extract", "feature_stats", "fid", "fid_per_class", "frechet_distance", "load_stats", "save_stats", "write_pngs", "save_grid",
            "ProxyFeatures", "digits_labels", "train_proxy"]

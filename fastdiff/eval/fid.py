@@ -45,6 +45,21 @@ def extract(extractor, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
     return torch.cat([extractor(images[i:i + batch]).float().cpu() for i in range(0, len(images), batch)])
 
 
+def fid_per_class(samples: torch.Tensor, sample_labels: torch.Tensor, real: torch.Tensor,
+                  real_labels: torch.Tensor, extractor) -> dict:
+    """{class: Frechet distance between the samples of that class and the real images of that class}
+    in extractor's features (a class-conditional model's per-class FID); NaN where either side
+    has fewer than two images."""
+    fs, fr = extract(extractor, samples), extract(extractor, real)
+    sample_labels, real_labels = sample_labels.cpu(), real_labels.cpu()
+    out = {}
+    for c in sorted(set(sample_labels.tolist())):
+        a, b = fs[sample_labels == c], fr[real_labels == c]
+        out[int(c)] = float("nan") if len(a) < 2 or len(b) < 2 else \
+            frechet_distance(*feature_stats(a), *feature_stats(b))
+    return out
+
+
 def save_stats(path: str, mu, sigma) -> None:
     np.savez(path, mu=mu, sigma=sigma)
 

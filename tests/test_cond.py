@@ -1,0 +1,217 @@
+"""Reference-set options and class-conditional training end to end on the digits: --ref-size all,
+--ref-sampling neighbours, --cond / --label-dropout, exact resume, 2-process gloo DDP, and
+sampling with classifier-free guidance; the nets' class embeddings and nn.Guided."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import checkpoint as ckpt_io
+from fastdiff.nn import NULL_CLASS, Guided, build_net
+from fastdiff.train import main
+
+TINY = ["--preset", "tiny", "--batch", "8", "--fid-every", "-1", "--sample-steps", "2", "--log-every", "1",
+        "--warmup", "2", "--device", "cpu", "--no-compile"]
+
+
+def _ext_takes_ref_args() -> bool:
+    """Whether the built C++ extension's kernel takes labels / ref_logw (the op falls back to it on CPU)."""
+    x = torch.zeros(2, 3)
+    try:
+        fastdiff.stf_target(x, 1.0, x, ref_logw=torch.zeros(2), backend="cpu")
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def torch_stf(monkeypatch):
+    """Runs the STF op on its torch backend where the built extension predates labels / ref_logw."""
+    if _ext_takes_ref_args():
+        return
+    import fastdiff.train as train
+    make = train._make_objective
+
+    def with_torch_backend(cfg):
+        obj = make(cfg)
+        obj.stf_backend = "torch"
+        return obj
+    monkeypatch.setattr(train, "_make_objective", with_torch_backend)
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("FASTDIFF_FAULT", None)
+    env.update(extra)
+    return env
+
+
+def _ckpt(run, step):
+    return ckpt_io.load(str(run / f"checkpoint-{step:07d}.pt"))
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# ---------------------------------------------------------------------------- networks and guidance
+
+@pytest.mark.parametrize("model,shape", [("unet", (1, 8, 8)), ("mlp", (2,))])
+def test_class_embedding_and_null_class(model, shape):
+    torch.manual_seed(0)
+    net = build_net(model, "tiny", shape, num_classes=10)
+    for p in net.parameters():                       # the zero-initialized output layers would hide everything
+        torch.nn.init.normal_(p, std=0.2)
+    x, c = torch.randn(3, *shape), torch.randn(3)
+    a, b = net(x, c, torch.tensor([1, 1, 1])), net(x, c, torch.tensor([2, 2, 2]))
+    assert not torch.allclose(a, b)                  # the class changes the output
+    assert torch.equal(net(x, c), net(x, c, torch.full((3,), NULL_CLASS)))   # no labels: the null class
+    with pytest.raises(ValueError, match="class_labels must be an integer tensor of shape"):
+        net(x, c, torch.tensor([1.0, 2.0, 3.0]))
+    plain = build_net(model, "tiny", shape)
+    with pytest.raises(ValueError, match="without classes"):
+        plain(x, c, torch.tensor([1, 1, 1]))
+
+
+def test_guided_combines_conditional_and_unconditional():
+    torch.manual_seed(0)
+    net = build_net("mlp", "tiny", (2,), num_classes=4)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, c, lab = torch.randn(5, 2), torch.randn(5), torch.tensor([0, 1, 2, 3, 0])
+    cond, uncond = net(x, c, lab), net(x, c)
+    assert torch.equal(Guided(net, lab, 1.0)(x, c), cond)
+    assert torch.allclose(Guided(net, lab, 0.0)(x, c), uncond, atol=1e-6)
+    assert torch.allclose(Guided(net, lab, 2.5)(x, c), uncond + 2.5 * (cond - uncond), atol=1e-5)
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 4\)"):
+        Guided(net, torch.tensor([4]), 2.0)
+    with pytest.raises(ValueError, match="class-conditional network"):
+        Guided(build_net("mlp", "tiny", (2,)), lab, 2.0)
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        Guided(net, lab, float("nan"))
+
+
+# ---------------------------------------------------------------------------- training end to end
+
+@pytest.mark.parametrize("opts", [
+    ["--ref-size", "all", "--xflip"],
+    ["--ref-sampling", "neighbours", "--ref-neighbours", "2", "--ref-size", "40", "--xflip"],
+    ["--cond", "--label-dropout", "0.25", "--ref-size", "all"],
+    ["--cond", "--label-dropout", "0.25", "--ref-sampling", "neighbours", "--ref-neighbours", "2",
+     "--ref-size", "40"],
+    ["--cond", "--objective", "dsm"],
+], ids=["all", "neighbours", "cond-all", "cond-neighbours", "cond-dsm"])
+def test_train_and_resume_exactly(tmp_path, torch_stf, opts):
+    out = ["--out", str(tmp_path / "runs")]
+    assert main([*TINY, *opts, *out, "--steps", "4", "--ckpt-every", "2", "--name", "straight"]) == 0
+    assert main([*TINY, *opts, *out, "--steps", "2", "--ckpt-every", "2", "--name", "halves"]) == 0
+    assert main(["--resume", str(tmp_path / "runs" / "halves"), "--steps", "4"]) == 0
+    a, b = _ckpt(tmp_path / "runs" / "straight", 4), _ckpt(tmp_path / "runs" / "halves", 4)
+    for key in ("net", "ema", "opt", "obj", "rank_states", "step"):
+        assert _same(a[key], b[key]), key
+    if "--cond" in opts:
+        assert a["data"]["classes"] == 10 and "map_label.table.weight" in a["net"]
+    if "neighbours" in opts:
+        assert (tmp_path / "runs" / "straight" / "knn-2.pt").exists()
+
+
+def test_bad_reference_options_stop_with_a_message(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "runs"), "--steps", "1"]
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, *out, "--ref-size", "some"])
+    assert e.value.code == 2 and "expected a positive integer or 'all'" in capsys.readouterr().err
+    for args, message in [
+        (["--label-dropout", "0.2"], "needs --cond"),
+        (["--ref-size", "all", "--ref-sampling", "neighbours"], "drop --ref-sampling neighbours"),
+        (["--ref-sampling", "neighbours", "--ref-neighbours", "4", "--ref-size", "40"], "must exceed --batch"),
+    ]:
+        assert main([*TINY, *out, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_cond_needs_labels(tmp_path, capsys):
+    import numpy as np
+    np.savez(tmp_path / "x.npz", x=np.zeros((20, 8, 8), np.uint8))
+    assert main([*TINY, "--out", str(tmp_path / "runs"), "--steps", "1", "--cond", "--data",
+                 str(tmp_path / "x.npz")]) == 2
+    assert "has no class labels" in capsys.readouterr().err
+
+
+def test_sample_cli_class_and_guidance(tmp_path, torch_stf):
+    run = tmp_path / "runs" / "c"
+    assert main([*TINY, "--out", str(tmp_path / "runs"), "--name", "c", "--steps", "2", "--cond",
+                 "--label-dropout", "0.25", "--objective", "dsm"]) == 0
+    env = _env()
+    r = subprocess.run([sys.executable, "-m", "fastdiff.sample", "--ckpt", str(run), "--n", "3", "--out",
+                        str(tmp_path / "png"), "--steps", "2", "--class", "7", "--guidance", "2.0"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "png")) == ["000000.png", "000001.png", "000002.png"]
+    bad = subprocess.run([sys.executable, "-m", "fastdiff.sample", "--ckpt", str(run), "--n", "3", "--out",
+                          str(tmp_path / "png2"), "--class", "10"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "fastdiff.sample: error: --class" in bad.stderr and "Traceback" not in bad.stderr
+    from fastdiff.train import generate, load_for_sampling
+    cfg, ema, obj = load_for_sampling(str(run), torch.device("cpu"))
+    gen = lambda w: torch.cat(list(generate(obj, ema, (1, 8, 8), 3, seed=0, steps=2, device=torch.device("cpu"),
+                                            class_labels=torch.tensor([7, 7, 7]), guidance=w)))
+    assert not torch.equal(gen(1.0), gen(3.0))
+
+
+def _sharded_takes_ref_args() -> bool:
+    from fastdiff.distributed import stf_target_sharded
+    return "ref_logw" in inspect.signature(stf_target_sharded).parameters
+
+
+@pytest.mark.parametrize("opts", [
+    ["--ref-size", "all", "--xflip"],
+    pytest.param(["--cond", "--label-dropout", "0.25", "--ref-sampling", "neighbours", "--ref-neighbours", "2",
+                  "--ref-size", "40"], marks=pytest.mark.skipif(
+        not _sharded_takes_ref_args() or not _ext_takes_ref_args(),
+        reason="fastdiff.distributed.stf_target_sharded / the built extension do not take labels and ref_logw yet")),
+], ids=["all", "cond-neighbours"])
+def test_ddp_two_processes(tmp_path, opts):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "fastdiff.train", *TINY, *opts, "--steps", "2", "--ckpt-every", "2", "--out", "runs",
+                        "--name", "ddp"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    sums = [x["rank_param_checksums"] for x in lines if "rank_param_checksums" in x]
+    assert len(sums) == 1 and sums[0][0] == sums[0][1]
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+
+
+def test_proxy_fid_per_class(tmp_path, torch_stf):
+    run = tmp_path / "runs" / "f"
+    assert main([*TINY, "--out", str(tmp_path / "runs"), "--name", "f", "--steps", "1", "--cond", "--objective",
+                 "dsm", "--fid-every", "0", "--fid-samples", "40"]) == 0
+    rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "fid_proxy" in x][0]
+    per = rec["fid_proxy_per_class"]
+    assert sorted(per, key=int) == [str(c) for c in range(10)] and all(v > 0 for v in per.values())
+    assert rec["fid_proxy"] > 0
+    # the per-class figure is the Frechet distance within the class
+    from fastdiff import eval as fd_eval
+    from fastdiff.data import load_dataset
+    from fastdiff.train import generate, load_for_sampling
+    cfg, ema, obj = load_for_sampling(str(run), torch.device("cpu"))
+    samples = torch.cat(list(generate(obj, ema, (1, 8, 8), 40, seed=1, steps=2, device=torch.device("cpu"))))
+    data = load_dataset("digits")
+    real = data.get(torch.arange(len(data)))
+    proxy = fd_eval.train_proxy(real, data.labels, steps=200, seed=0)
+    again = fd_eval.fid_per_class(samples, torch.arange(40) % 10, real, data.labels, proxy)
+    assert again[3] == pytest.approx(per["3"], rel=1e-4)
