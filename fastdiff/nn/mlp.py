@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.nn.unet import PositionalEmbedding, check_unconditional, class_embedding
+from fastdiff.nn.unet import PositionalEmbedding, class_embedding, with_class
 
 
 class MLP(nn.Module):
@@ -26,11 +26,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out[1].bias)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.map_noise(c_noise)
-        if self.map_label is not None:
-            emb = emb + self.map_label(class_labels, x.shape[0], x.device)
-        else:
-            check_unconditional(class_labels)
+        emb = with_class(self.map_noise(c_noise), self.map_label, class_labels)
         h = self.inp(x) + self.map_emb(F.silu(emb)).to(x.dtype)
         for block in self.blocks:
             h = h + block(h)

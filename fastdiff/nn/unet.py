@@ -62,9 +62,14 @@ def class_embedding(num_classes: int, channels: int) -> ClassEmbedding | None:
     return ClassEmbedding(num_classes, channels) if num_classes else None
 
 
-def check_unconditional(class_labels) -> None:
-    if class_labels is not None:
-        raise ValueError("class_labels given to a network built without classes (num_classes=0)")
+def with_class(emb: torch.Tensor, map_label: ClassEmbedding | None, class_labels) -> torch.Tensor:
+    """emb (B, C) plus the class embedding (the null class's without labels); a net built without
+    classes refuses labels."""
+    if map_label is None:
+        if class_labels is not None:
+            raise ValueError("class_labels given to a network built without classes (num_classes=0)")
+        return emb
+    return emb + map_label(class_labels, emb.shape[0], emb.device)
 
 
 class PositionalEmbedding(nn.Module):
@@ -187,11 +192,7 @@ class SongUNet(nn.Module):
         self.out_conv = _conv(cout, out_channels, 3, init_scale=1e-5)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.map_noise(c_noise)
-        if self.map_label is not None:
-            emb = emb + self.map_label(class_labels, x.shape[0], x.device)
-        else:
-            check_unconditional(class_labels)
+        emb = with_class(self.map_noise(c_noise), self.map_label, class_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         skips = []
         h = x
