@@ -249,6 +249,12 @@ def check_config(cfg: dict) -> None:
                           ("sigma_data", 0, "positive"), ("kimg", 0, "positive")):
         if cfg[key] is not None and not lo < cfg[key] < math.inf:
             raise ConfigError(f"--{key.replace('_', '-')} must be finite and {hint}, got {cfg[key]}")
+    if cfg["lr"] > torch.finfo(torch.float32).max:          # the optimizer holds it in float32
+        raise ConfigError(f"--lr {cfg['lr']} is beyond float32's range")
+    max_threads = max(64, 4 * (os.cpu_count() or 1))        # far more: OpenMP crashes (segfault at 100000)
+    if cfg["threads"] > max_threads:
+        raise ConfigError(f"--threads {cfg['threads']} is more than this machine can use ({os.cpu_count()} CPUs; "
+                          f"at most {max_threads}); give --threads N (0: automatic)")
     for key, hint in (("ema_rampup", "0: off"), ("grad_clip", "0: off")):
         if not 0 <= cfg[key] < math.inf:
             raise ConfigError(f"--{key.replace('_', '-')} must be finite and non-negative ({hint}), got {cfg[key]}")
@@ -265,6 +271,11 @@ def _check_paths(cfg: dict) -> None:
     found only after the last checkpoint)."""
     if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
         raise ConfigError(f"--out {cfg['out']} is a file; it must be a directory (the parent of run directories)")
+    if not cfg["resume"]:                    # a resume writes to its checkpoint's directory
+        try:
+            os.makedirs(cfg["out"], exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {cfg['out']!r}: cannot create it: {e.strerror or e}") from None
     name = cfg["name"]
     if name is not None and (not name or name in (".", "..") or "/" in name or os.sep in name):
         raise ConfigError(f"--name must be a plain directory name (no '/', not '.' or '..'), got {name!r}")
@@ -494,8 +505,12 @@ def _init_device(cfg: dict) -> tuple[torch.device, int, int]:
         device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise ConfigError(f"--device {cfg['device']!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {cfg['device']}: fastdiff trains on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg['device']}: no CUDA device is visible to torch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {cfg['device']}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -129,7 +129,7 @@ def test_training_on_nan_or_huge_vectors_stops_before_the_first_step(tmp_path, c
         assert not (tmp_path / "runs" / name).exists()
 
 
-@pytest.mark.parametrize("value", [math.inf, math.nan, True, 0, -1.0, "0.5"])
+@pytest.mark.parametrize("value", [math.inf, math.nan, True, 0, -1.0, "0.5", 1e-300, 1e30])
 def test_make_objective_refuses_bad_sigma_data(value):
     from fastdiff.diffusion import make_objective
     with pytest.raises(ValueError, match="sigma_data must be a positive finite number"):
@@ -160,6 +160,11 @@ def test_make_objective_takes_numpy_sigma_data():
     (["--fid-every", "-2"], "--fid-every must be at least -1"),
     (["--resolution", "0"], "--resolution must be positive"),
     (["--resolution", "-4"], "--resolution must be positive"),
+    (["--lr", "1e300"], "--lr 1e+300 is beyond float32's range"),
+    (["--threads", "100000"], "--threads 100000 is more than this machine can use"),   # OpenMP segfaulted
+    (["--device", "meta"], "--device meta: fastdiff trains on cpu or cuda"),
+    (["--out", ""], "--out '': cannot create it"),
+    (["--sigma-data", "1e-300"], "sigma_data must be a positive finite number within"),
     (["--name", "../escape"], "--name must be a plain directory name"),
     (["--fid-ref", "/nonexistent/dir", "--fid-every", "0"], "--fid-ref /nonexistent/dir: no such directory"),
     (["--fid-ref", "/nonexistent/stats.npz", "--fid-every", "0"], "--fid-ref /nonexistent/stats.npz: no such file"),
@@ -175,6 +180,10 @@ def test_out_naming_a_file_and_unusable_fid_stats(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main([*VEC, "--out", str(tmp_path / "file"), "--steps", "1"]) == 2
     assert "is a file; it must be a directory" in capsys.readouterr().err
+    assert main([*VEC, "--out", str(tmp_path / "file" / "sub"), "--steps", "1"]) == 2
+    assert "cannot create it: Not a directory" in capsys.readouterr().err
+    assert _run(tmp_path, "--data", "digits", "--model", "unet", "--resolution", "100000", "--steps", "1") == 2
+    assert "--resolution 100000: 1797 images of 100000x100000 need" in capsys.readouterr().err
     np.savez(tmp_path / "stats.npz", mean=np.zeros(3))
     assert _run(tmp_path, "--steps", "1", "--fid-ref", str(tmp_path / "stats.npz"), "--fid-every", "0") == 2
     assert "expected arrays 'mu' and 'sigma'" in capsys.readouterr().err

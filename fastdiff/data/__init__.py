@@ -391,7 +391,14 @@ def load_dataset(spec: str, resolution: int | None = None, xflip: bool = False) 
     else:
         raise DataError(f"--data {spec!r}: unsupported file type (expected a folder, .zip or .npz)")
     if x.ndim == 4:
-        x = _resize(x, resolution)
+        try:
+            x = _resize(x, resolution)
+        except RuntimeError as e:            # the allocator's "can't allocate memory": a typo'd resolution
+            if "alloc" not in str(e):
+                raise
+            raise DataError(f"--resolution {resolution}: {len(x)} images of {resolution}x{resolution} need "
+                            f"{len(x) * x.shape[1] * resolution ** 2 * 4 / 1e9:.3g} GB while resizing, more "
+                            f"than this machine could allocate") from None
     elif resolution is not None:
         raise DataError(f"--resolution {resolution} given but --data {spec} is vector data of shape {tuple(x.shape[1:])}")
     if len(x) == 0:

@@ -52,10 +52,11 @@ class Objective(nn.Module):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        # bool is an int to Python (True would pass as 1.0); inf and nan make every loss NaN.
+        # bool is an int to Python (True would pass as 1.0); inf and nan make every loss NaN, and so
+        # does a value whose square (or 1 / square, EDM's weight) leaves float32's range.
         if isinstance(sigma_data, bool) or not isinstance(sigma_data, numbers.Real) or \
-                not (0 < sigma_data < math.inf):
-            raise ValueError(f"sigma_data must be a positive finite number, got {sigma_data!r}")
+                not (1e-18 <= sigma_data <= 1e18):
+            raise ValueError(f"sigma_data must be a positive finite number within [1e-18, 1e18], got {sigma_data!r}")
         self.objective = objective
         self.sigma_data = float(sigma_data)
         pk = dict(process_kwargs or {})
