@@ -80,6 +80,12 @@ def check_output(args) -> str:
     elif os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file; --format png writes a directory of PNGs "
                          f"(for one array file use --format npz with an --out ending in .npz)")
+    else:
+        ancestor = os.path.dirname(os.path.abspath(args.out))
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            raise UsageError(f"--out {args.out}: {ancestor} is a file, not a directory")
     if args.grid is not None:
         parent = os.path.dirname(os.path.abspath(args.grid))
         if os.path.isdir(args.grid):
@@ -146,7 +152,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     batch = args.batch or (500 if device.type == "cuda" else 64)
     if fmt == "png":
-        os.makedirs(args.out, exist_ok=True)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            print(f"fastdiff.sample: error: --out {args.out}: {e.strerror}", file=sys.stderr)
+            return 2
     arrays, done = [], 0
     with _progress_bar(args.n) as bar:
         for samples in generate(obj, net, net.img_shape, args.n, seed=args.seed, steps=args.steps, device=device,

@@ -649,6 +649,7 @@ def _sample_cli(*args):
     (["--device", "bogus"], "--device must be cpu or cuda"),
     (["--device", "mps"], "--device must be cpu or cuda"),
     (["--out", "{file}"], "is a file"),
+    (["--out", "{file}/png"], "is a file, not a directory"),
     (["--out", "{tmp}/x.npz", "--format", "npz", "--grid", "{tmp}/missing/grid.png"], "does not exist"),
     (["--out", "{tmp}/missing/x.npz"], "does not exist"),
     (["--out", "{tmp}/dir", "--format", "npz"], "must name a .npz file"),
