@@ -94,8 +94,8 @@ def knn_table(dataset, k: int, *, xflip: bool = False, labels: torch.Tensor | No
     allrows = torch.arange(naug, device=dev)
     R = _rows(dataset, allrows, xflip).flatten(1)                       # (Naug, D) float32
     D = R.shape[1]
-    R64 = R.double()
-    rn64 = R64.pow(2).sum(1)
+    # float64 copies are made a slice at a time (at CIFAR-10 size the whole set would be 2.4 GB more)
+    rn64 = torch.cat([R[i:i + 8192].double().pow(2).sum(1) for i in range(0, naug, 8192)])
     rn32 = rn64.float()
     u = 2.0 ** -24
     gamma = D * u / (1 - D * u)
@@ -105,7 +105,7 @@ def knn_table(dataset, k: int, *, xflip: bool = False, labels: torch.Tensor | No
     out = torch.empty(n, k, dtype=torch.long, device=dev)
     for s in range(0, n, chunk):
         q = torch.arange(s, min(s + chunk, n), device=dev)
-        Q, Q64 = R[q], R64[q]
+        Q = R[q]
         qn64 = rn64[q]
         d = (qn64.float()[:, None] - 2 * (Q @ R.T)) + rn32[None, :]      # (c, Naug) float32
         tau = (2.05 * gamma * qn64.sqrt() * rmax + 8 * u * (qn64 + rmax ** 2)).float()
@@ -122,21 +122,23 @@ def knn_table(dataset, k: int, *, xflip: bool = False, labels: torch.Tensor | No
                              f"choose a smaller K")
         enough = (vals[:, -1] > a_k + 2 * tau) | torch.isinf(vals[:, -1])
         # exact float64 distances of the candidates, re-ranked (ties: the lower index first)
-        exact = (Q64[:, None, :] - R64[cand]).pow(2).sum(-1)
+        exact = torch.cat([(Q[i:i + 32, None, :].double() - R[cand[i:i + 32]].double()).pow(2).sum(-1)
+                           for i in range(0, len(q), 32)])
         exact = torch.where(torch.isinf(vals), float("inf"), exact)
         out[q] = _rank(exact, cand, k)
         for j in torch.nonzero(~enough).flatten().tolist():               # too many near-ties: every row
-            out[q[j]] = _exact_neighbours(R64, int(q[j]), k, lab_aug)
+            out[q[j]] = _exact_neighbours(R, int(q[j]), k, lab_aug)
     return out
 
 
-def _exact_neighbours(R64: torch.Tensor, r: int, k: int, lab_aug) -> torch.Tensor:
-    """Row r's k nearest other rows of R64 (of its class), by float64 differences."""
-    e = (R64 - R64[r]).pow(2).sum(1)
+def _exact_neighbours(R: torch.Tensor, r: int, k: int, lab_aug) -> torch.Tensor:
+    """Row r's k nearest other rows of R (of its class), by float64 differences."""
+    q = R[r].double()
+    e = torch.cat([(R[i:i + 8192].double() - q).pow(2).sum(1) for i in range(0, len(R), 8192)])
     e[r] = float("inf")
     if lab_aug is not None:
         e[lab_aug != lab_aug[r]] = float("inf")
-    return _rank(e[None], torch.arange(len(R64), device=R64.device)[None], k)[0]
+    return _rank(e[None], torch.arange(len(R), device=R.device)[None], k)[0]
 
 
 def _rank(dist: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
@@ -210,9 +212,9 @@ def knn_table_rows(dataset, rows: torch.Tensor, k: int, *, xflip: bool, labels=N
     """The k-NN table's rows `rows`, by float64 distances to every row (the oracle and the cache's check)."""
     n = len(dataset)
     dev = dataset.data.device
-    R64 = _rows(dataset, torch.arange(2 * n if xflip else n, device=dev), xflip).flatten(1).double()
+    R = _rows(dataset, torch.arange(2 * n if xflip else n, device=dev), xflip).flatten(1)
     lab_aug = None if labels is None else labels.to(dev).repeat(2 if xflip else 1)
-    return torch.stack([_exact_neighbours(R64, r, k, lab_aug) for r in rows.tolist()])
+    return torch.stack([_exact_neighbours(R, r, k, lab_aug) for r in rows.tolist()])
 
 
 # ----------------------------------------------------------------------------
