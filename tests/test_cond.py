@@ -4,6 +4,7 @@ sampling with classifier-free guidance; the nets' class embeddings and nn.Guided
 from __future__ import annotations
 
 import inspect
+import math
 import json
 import os
 import subprocess
@@ -215,3 +216,53 @@ def test_proxy_fid_per_class(tmp_path, torch_stf):
     proxy = fd_eval.train_proxy(real, data.labels, steps=200, seed=0)
     again = fd_eval.fid_per_class(samples, torch.arange(40) % 10, real, data.labels, proxy)
     assert again[3] == pytest.approx(per["3"], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- labels from the data
+
+def test_labels_from_the_data(tmp_path):
+    import pickle
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from fastdiff.data import DataError, load_dataset
+    rng = np.random.default_rng(0)
+    for cls, count in (("cat", 2), ("ant", 3)):                  # classes in sorted name order: ant 0, cat 1
+        os.makedirs(tmp_path / "f" / cls / "deeper", exist_ok=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(
+                tmp_path / "f" / cls / ("deeper" if i else "") / f"{i}.png")
+    ds = load_dataset(str(tmp_path / "f"))
+    assert ds.classes == ["ant", "cat"] and ds.labels.tolist() == [0, 0, 0, 1, 1] and ds.num_classes == 2
+    with zipfile.ZipFile(tmp_path / "f.zip", "w") as zf:
+        for root, _, names in os.walk(tmp_path / "f"):
+            for n in names:
+                zf.write(os.path.join(root, n), os.path.relpath(os.path.join(root, n), tmp_path / "f"))
+    z = load_dataset(str(tmp_path / "f.zip"))
+    assert z.classes == ["ant", "cat"] and sorted(z.labels.tolist()) == [0, 0, 0, 1, 1]
+    # a file beside the class folders: unlabelled, and --cond says why
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / "f" / "stray.png")
+    mixed = load_dataset(str(tmp_path / "f"))
+    assert mixed.labels is None and len(mixed) == 6
+    with pytest.raises(DataError, match="'stray.png' lies outside any class sub-folder"):
+        mixed.require_labels()
+    # npz: a labels array beside the data
+    np.savez(tmp_path / "l.npz", x=rng.integers(0, 256, (4, 6, 6), dtype=np.uint8), labels=np.array([2, 0, 1, 2]))
+    n = load_dataset(str(tmp_path / "l.npz"))
+    assert n.labels.tolist() == [2, 0, 1, 2] and n.num_classes == 3 and n.shape == (1, 6, 6)
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3), np.float32), labels=np.array([0.5, 1, 2, 3]))
+    with pytest.raises(DataError, match="'labels' must be 4 non-negative integers"):
+        load_dataset(str(tmp_path / "bad.npz")).require_labels()
+    # CIFAR-10's own labels; the digits'; the ring's components
+    cifar = tmp_path / "c" / "cifar-10-batches-py"
+    os.makedirs(cifar)
+    with open(cifar / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": np.zeros((3, 3072), np.uint8), b"labels": [4, 9, 0]}, f)
+    assert load_dataset(str(tmp_path / "c")).labels.tolist() == [4, 9, 0]
+    from sklearn.datasets import load_digits
+    assert torch.equal(load_dataset("digits").labels, torch.from_numpy(load_digits().target).long())
+    g = load_dataset("gmm")
+    assert g.num_classes == 8 and torch.equal(g.labels, torch.atan2(g.data[:, 1], g.data[:, 0]).mul(4 / math.pi)
+                                              .round().remainder(8).long())
