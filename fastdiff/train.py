@@ -348,6 +348,27 @@ def _claim_run_dir(run_dir: str, resumed: str | None = None, step: int = 0) -> N
     if resumed is not None:
         for f, aside in ckpt_io.check_newer(resumed, step):
             print(f"moved {f} aside to {os.path.basename(aside)}: it is damaged (a checksum mismatch or truncation)")
+        _trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+
+
+def _trim_metrics(path: str, step: int) -> None:
+    """Drop the records of steps after `step` from metrics.jsonl: a killed run logged steps past its last
+    checkpoint, which the resumed run trains again (and logs again). A line torn by the kill goes too."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        ckpt_io.write_atomic(path, "".join(x + "\n" for x in kept).encode())
 
 
 def _new_run_dir(cfg: dict) -> str:
@@ -832,7 +853,6 @@ def _log_progress(run: Run, loss_sum: torch.Tensor, n_sum: int, seconds: float, 
         mean_loss = t.item() / run.world
     ips = n_sum * run.images_per_step / seconds
     if not math.isfinite(mean_loss):
-        bar.close()
         msg = (f"loss became {mean_loss} between steps {run.step - n_sum} and {run.step}; stopping. "
                + (f"Last good checkpoint: {run.last_good}." if run.last_good else "No checkpoint was written.")
                + " The options were checked and the data are finite, so the optimization diverged: --lr, --warmup "
@@ -898,10 +918,26 @@ def training_loop(cfg: dict, explicit: set) -> str:
     # Redirected to a log file (a cluster job), the bar updates every 30 s instead of 10 times a second.
     bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True, disable=run.rank != 0,
                smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    try:
+        _steps(run, train_step, next_batch, bar)
+    finally:      # an error leaves on a line of its own, not after the bar's
+        bar.close()
+    run.log(f"done: {run.run_dir}\n  train longer (--steps is the new total, now {run.total_steps}): "
+            f"{resume_cmd} --steps {2 * run.total_steps}\n  sample: {sample_cmd}")
+    if run.world > 1:
+        # Ranks other than 0 wait here while rank 0 samples, so that no rank tears its
+        # process group down under another's feet; main() then destroys it.
+        torch.distributed.barrier()
+    return run.run_dir
+
+
+def _steps(run: Run, train_step, next_batch, bar) -> None:
+    """The loop: step until the run's total, logging, checkpointing and evaluating on the way."""
+    cfg = run.cfg
+    kill_at, nan_at = _fault("kill"), _fault("nan")
     loss_sum = torch.zeros((), device=run.device)
     n_sum, t_last = 0, time.perf_counter()
     ema_params, net_params = list(run.ema.parameters()), list(run.net.parameters())
-    kill_at, nan_at = _fault("kill"), _fault("nan")
     while run.step < run.total_steps:
         if run.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -931,14 +967,6 @@ def training_loop(cfg: dict, explicit: set) -> str:
             if record:
                 bar.write(f"step {step}: samples {record['samples']}" + "".join(
                     f", {k} {v:.2f}" for k, v in record.items() if k.startswith("fid") and isinstance(v, float)))
-    bar.close()
-    run.log(f"done: {run.run_dir}\n  train longer (--steps is the new total, now {run.total_steps}): "
-            f"{resume_cmd} --steps {2 * run.total_steps}\n  sample: {sample_cmd}")
-    if run.world > 1:
-        # Ranks other than 0 wait here while rank 0 samples, so that no rank tears its
-        # process group down under another's feet; main() then destroys it.
-        torch.distributed.barrier()
-    return run.run_dir
 
 
 def _gather_rows(rows: torch.Tensor, counts: list, device) -> torch.Tensor | None:

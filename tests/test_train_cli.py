@@ -97,3 +97,32 @@ def test_printed_sample_command_runs(tmp_path, capsys):
     assert path.endswith(".npz")
     arr = np.load(path)["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (3, 8, 8, 1)
+
+
+def test_resume_after_a_kill_logs_each_step_once(tmp_path, capsys):
+    """A killed run logged steps past its last checkpoint; the resumed run trains them again and
+    metrics.jsonl keeps one record per step (a torn last line goes too)."""
+    import json
+    out = str(tmp_path / "runs")
+    assert main([*GMM, "--steps", "3", "--ckpt-every", "2", "--keep", "5", "--out", out, "--name", "k"]) == 0
+    run = os.path.join(out, "k")
+    os.remove(os.path.join(run, "checkpoint-0000003.pt"))       # as if killed before step 3's checkpoint
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "lo')                              # and halfway through a line
+    assert main(["--resume", run]) == 0
+    lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    steps = [json.loads(x)["step"] for x in lines if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3], steps
+
+
+def test_an_error_in_the_loop_leaves_on_its_own_line(tmp_path, capsys, monkeypatch):
+    from fastdiff import checkpoint as ckpt_io
+    from fastdiff import train
+
+    def full_disk(run):
+        raise ckpt_io.CheckpointError("no space left for the checkpoint (test)")
+    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    assert main([*GMM, "--steps", "3", "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "no space left" in x)
+    assert line.startswith("fastdiff.train: error:"), line          # not glued to the progress bar
