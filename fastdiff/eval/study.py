@@ -358,8 +358,8 @@ def plot(study: dict, path: str) -> None:
     if study["summary"].get("threshold") is not None:
         for ax in axes[:2]:
             ax.axhline(study["summary"]["threshold"], color="0.5", ls=":", lw=1)
-    what = "vs exact mixture denoiser" if metric == "err" else "vs empirical posterior mean"
-    axes[0].set(xlabel="training step", ylabel=f"EDM-weighted denoiser error ({what})", yscale="log")
+    what = "vs exact denoiser" if metric == "err" else "vs empirical post. mean"
+    axes[0].set(xlabel="training step", ylabel=f"denoiser error {what}\n(EDM-weighted, eps units)", yscale="log")
     axes[1].set(xlabel="training time (process CPU s, 1 thread)", yscale="log")
     axes[2].set(xlabel="sigma (band centre)", ylabel="final error per band (eps units)", xscale="log", yscale="log")
     if has_fid:
