@@ -266,3 +266,27 @@ def test_labels_from_the_data(tmp_path):
     g = load_dataset("gmm")
     assert g.num_classes == 8 and torch.equal(g.labels, torch.atan2(g.data[:, 1], g.data[:, 0]).mul(4 / math.pi)
                                               .round().remainder(8).long())
+
+
+@pytest.mark.parametrize("case", ["all", "neighbours", "cond-dropout"])
+def test_reference_step_traces_as_one_graph(case):
+    """The objective with a whole-set / weighted / class-conditional reference set (label-dropout's
+    two op calls included) is one graph for torch.compile, as the plain step is."""
+    from fastdiff import refsets
+    from fastdiff.data import Sampler, load_dataset
+    from fastdiff.diffusion import make_objective
+    d = load_dataset("digits")
+    cond = case.startswith("cond")
+    net = build_net("unet", "tiny", (1, 8, 8), num_classes=10 if cond else 0)
+    obj = make_objective("stf", stf_backend="torch")
+    idx = torch.arange(8)
+    if case == "neighbours":
+        r = refsets.make_refset("neighbours", d, Sampler(len(d), 8, 0), batch=8, ref_size=64, neighbours=2)(idx, None)
+    else:
+        r = refsets.make_refset("uniform", d, None, batch=8, ref_size="all", cond=cond)(idx, None)
+    kw = dict(ref=r.ref, ref_logw=r.ref_logw)
+    if cond:
+        kw.update(labels=d.labels[idx], ref_labels=r.ref_labels, n_uncond=2)
+    torch._dynamo.reset()
+    e = torch._dynamo.explain(lambda y: obj(net, y, None, **kw))(d.get(idx))
+    assert e.graph_break_count == 0 and e.graph_count == 1, e.break_reasons
