@@ -51,9 +51,9 @@ __all__ = ["two_gaussians", "load_vectors", "posterior_stats", "stf_pair_varianc
 TOOL = "fastdiff.eval.variance"
 UNITS = ("eps", "score")
 
-# The paper's synthetic set (section 3): a 64-dimensional mixture of two Gaussians.
-# Xu et al. do not list its parameters; these put the data in [-1, 1] like images and
-# give clearly separated near-field, intermediate and far-field phases on [0.002, 80].
+# The paper's synthetic set (section 3): a 64-dimensional mixture of two Gaussians. Its exact
+# parameters were not at hand; these put the data in [-1, 1] like images and give clearly
+# separated near-field, intermediate and far-field phases on [0.002, 80].
 TWO_GAUSSIANS = {"dim": 64, "size": 4096, "means": [0.5, -0.5], "std": 0.2, "weights": [0.5, 0.5]}
 
 
