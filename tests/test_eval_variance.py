@@ -175,3 +175,20 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     assert set(res["V_STF"]) == {"1", "2", "all"} and len(res["V_STF"]["2"]) == 5
     assert res["settings"]["units"] == "eps" and res["settings"]["N"] == 8192
     assert (tmp_path / "variance.png").stat().st_size > 10_000
+
+
+def test_near_field_only_grid(tmp_path, capsys):
+    # every sigma far below the nearest-neighbour distance: V_DSM is 0 everywhere, no phase to mark
+    code, err = _main(capsys, "--data", "two-gaussians", "--n", "1,2", "--sigmas", "0.002,0.004", "--samples", "16",
+                      "--out", str(tmp_path), *([] if _has_mpl() else ["--no-plot"]))
+    assert code == 0, err
+    res = json.loads((tmp_path / "variance.json").read_text())
+    assert res["V_DSM"] == [0.0, 0.0] and res["phases"]["intermediate"] is None
+
+
+def _has_mpl():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False

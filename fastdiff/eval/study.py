@@ -65,7 +65,7 @@ ARM_KEYS = ("weighting", "density")
 # arms
 # ----------------------------------------------------------------------------
 
-def parse_arms(text: str, batch: int, n_data: int) -> dict:
+def parse_arms(text: str, batch: int) -> dict:
     """'dsm,stf-256,stf-all,sigmoid' -> {name: {"objective", "ref", "weighting", "density"}}."""
     arms = {}
     for name in (p.strip() for p in text.split(",")):
@@ -420,7 +420,7 @@ def run_study(cfg: dict, progress: bool = True) -> dict:
         dataset = load_dataset(cfg["data"])
     except DataError as e:
         raise UsageError(str(e)) from None
-    arms = parse_arms(cfg["arms"], cfg["batch"], len(dataset))
+    arms = parse_arms(cfg["arms"], cfg["batch"])
     if cfg["model"] is None:
         cfg["model"] = "unet" if dataset.is_image else "mlp"
     if cfg["preset"] is None:

@@ -225,6 +225,8 @@ def compute(data: torch.Tensor, sigmas, ns, *, samples: int = 4096, seed: int = 
 def phases(sigmas, v_dsm) -> dict:
     """The intermediate phase: where V_DSM is at least half its peak; near field below, far field above."""
     peak = max(range(len(v_dsm)), key=lambda i: v_dsm[i])
+    if not v_dsm[peak] > 0:                    # the whole grid in the near field: no peak to mark
+        return {"peak_sigma": None, "peak_V_DSM": 0.0, "intermediate": None, "peak_inside_grid": False}
     half = 0.5 * v_dsm[peak]
     lo = hi = peak
     while lo > 0 and v_dsm[lo - 1] >= half:
@@ -255,11 +257,12 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
     s = result["sigma"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     ph = result["phases"]
-    lo, hi = ph["intermediate"]
-    ax.axvspan(lo, hi, color="0.9", zorder=0)
-    for x_text, label in ((math.sqrt(s[0] * lo), "near field"), (math.sqrt(lo * hi), "intermediate"),
-                          (math.sqrt(hi * s[-1]), "far field")):
-        ax.text(x_text, 1.02, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9)
+    if ph["intermediate"] is not None:
+        lo, hi = ph["intermediate"]
+        ax.axvspan(lo, hi, color="0.9", zorder=0)
+        for x_text, label in ((math.sqrt(s[0] * lo), "near field"), (math.sqrt(lo * hi), "intermediate"),
+                              (math.sqrt(hi * s[-1]), "far field")):
+            ax.text(x_text, 1.02, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9)
     ax.plot(s, result["V_DSM"], color="k", lw=2.2, label="V_DSM")
     zero = []
     cmap = plt.get_cmap("viridis")
@@ -274,10 +277,11 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
     if zero:
         ax.plot([], [], " ", label=f"V_STF, n={', '.join(zero)}: 0 (exact mean)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_yscale("log" if ph["peak_V_DSM"] > 0 else "linear")     # all zero: nothing to show on log axes
     # Near-field values fall to 1e-90 and below (the posterior sits on one sample; with float32
     # weights they end at exactly 0): show seven decades under the peak, where the far field lies.
-    ax.set_ylim(ph["peak_V_DSM"] * 1e-7, ph["peak_V_DSM"] * 3)
+    if ph["peak_V_DSM"] > 0:
+        ax.set_ylim(ph["peak_V_DSM"] * 1e-7, ph["peak_V_DSM"] * 3)
     ax.set_xlabel("sigma (VE noise level)")
     units = result.get("settings", {}).get("units", "eps")
     ax.set_ylabel("tr Cov of the target / D  (eps units)" if units == "eps" else "tr Cov of the score target")
@@ -414,8 +418,9 @@ def main(argv=None) -> int:
         print(f"{TOOL}: error: {e}", file=sys.stderr)
         return 2
     ph = result["phases"]
-    print(f"{TOOL}: wrote {os.path.join(args.out, 'variance.json')} ({settings['seconds']:.1f} s); V_DSM peaks at "
-          f"sigma {ph['peak_sigma']:.3g}, intermediate phase {ph['intermediate'][0]:.3g}..{ph['intermediate'][1]:.3g}; "
+    where = (f"V_DSM peaks at sigma {ph['peak_sigma']:.3g}, intermediate phase {ph['intermediate'][0]:.3g}.."
+             f"{ph['intermediate'][1]:.3g}" if ph["intermediate"] else "V_DSM is 0 on the whole grid (near field)")
+    print(f"{TOOL}: wrote {os.path.join(args.out, 'variance.json')} ({settings['seconds']:.1f} s); {where}; "
           f"far-field V_STF/V_DSM: " + ", ".join(f"n={k}: {v:.3g}" for k, v in result["far_field_ratio"].items()
                                                 if v is not None))
     return 0
