@@ -104,9 +104,7 @@ def _progress_bar(total: int):
 
 def main(argv=None) -> int:
     from fastdiff import checkpoint as ckpt_io
-    from fastdiff.eval import save_grid, write_pngs
-    from fastdiff.eval.images import to_uint8
-    from fastdiff.train import ConfigError, generate, load_for_sampling
+    from fastdiff.train import ConfigError, load_for_sampling
 
     p = argparse.ArgumentParser(prog="python -m fastdiff.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory (its newest checkpoint)")
@@ -157,6 +155,22 @@ def main(argv=None) -> int:
         except OSError as e:
             print(f"fastdiff.sample: error: --out {args.out}: {e.strerror}", file=sys.stderr)
             return 2
+    try:
+        done = _write_samples(args, fmt, obj, net, device, batch, class_labels)
+    except OSError as e:       # a full disk, a vanished directory: one line, not a traceback
+        where = e.filename or args.out
+        print(f"fastdiff.sample: error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {done} samples to {args.out}")
+    return 0
+
+
+def _write_samples(args, fmt: str, obj, net, device, batch: int, class_labels) -> int:
+    """Draw args.n samples and write them as fmt; the number written."""
+    from fastdiff.eval import save_grid, write_pngs
+    from fastdiff.eval.images import to_uint8
+    from fastdiff.train import generate
+
     arrays, done = [], 0
     with _progress_bar(args.n) as bar:
         for samples in generate(obj, net, net.img_shape, args.n, seed=args.seed, steps=args.steps, device=device,
@@ -174,8 +188,7 @@ def main(argv=None) -> int:
             bar.update(len(samples))
     if fmt == "npz":
         _save_npz(args.out, arrays)
-    print(f"wrote {done} samples to {args.out}")
-    return 0
+    return done
 
 
 def _save_npz(path: str, arrays) -> None:

@@ -692,3 +692,21 @@ def test_sample_cli_npz_and_progress(tiny_run, tmp_path, capsys):
                        "--sampler", "dpmpp_2m_sde") == 0
     with Image.open(tmp_path / "png" / "000004.png") as im:
         assert np.array_equal(np.asarray(im), arr[4, :, :, 0])
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_sample_cli_full_disk_is_one_line(tiny_run, tmp_path, capsys, monkeypatch, fmt):
+    """A full disk while writing samples ends with one line naming the file (exit 2), no traceback,
+    and leaves no partial .npz behind."""
+    import errno
+
+    import fastdiff.eval
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "000000.png"))
+    monkeypatch.setattr(fastdiff.eval, "write_pngs", full)
+    monkeypatch.setattr(np, "savez", full)
+    out = tmp_path / ("out" if fmt == "png" else "s.npz")
+    assert _sample_cli("--ckpt", tiny_run, "--n", 2, "--steps", 2, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fastdiff.sample: error: cannot write") and "No space left" in err, err
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
