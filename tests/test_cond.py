@@ -3,7 +3,6 @@
 sampling with classifier-free guidance; the nets' class embeddings and nn.Guided."""
 from __future__ import annotations
 
-import inspect
 import math
 import json
 import os
@@ -13,38 +12,12 @@ import sys
 import pytest
 import torch
 
-import fastdiff
 from fastdiff import checkpoint as ckpt_io
 from fastdiff.nn import NULL_CLASS, Guided, build_net
 from fastdiff.train import main
 
 TINY = ["--preset", "tiny", "--batch", "8", "--fid-every", "-1", "--sample-steps", "2", "--log-every", "1",
         "--warmup", "2", "--device", "cpu", "--no-compile"]
-
-
-def _ext_takes_ref_args() -> bool:
-    """Whether the built C++ extension's kernel takes labels / ref_logw (the op falls back to it on CPU)."""
-    x = torch.zeros(2, 3)
-    try:
-        fastdiff.stf_target(x, 1.0, x, ref_logw=torch.zeros(2), backend="cpu")
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture
-def torch_stf(monkeypatch):
-    """Runs the STF op on its torch backend where the built extension predates labels / ref_logw."""
-    if _ext_takes_ref_args():
-        return
-    import fastdiff.train as train
-    make = train._make_objective
-
-    def with_torch_backend(cfg):
-        obj = make(cfg)
-        obj.stf_backend = "torch"
-        return obj
-    monkeypatch.setattr(train, "_make_objective", with_torch_backend)
 
 
 def _env(**extra):
@@ -115,7 +88,7 @@ def test_guided_combines_conditional_and_unconditional():
      "--ref-size", "40"],
     ["--cond", "--objective", "dsm"],
 ], ids=["all", "neighbours", "cond-all", "cond-neighbours", "cond-dsm"])
-def test_train_and_resume_exactly(tmp_path, torch_stf, opts):
+def test_train_and_resume_exactly(tmp_path, opts):
     out = ["--out", str(tmp_path / "runs")]
     assert main([*TINY, *opts, *out, "--steps", "4", "--ckpt-every", "2", "--name", "straight"]) == 0
     assert main([*TINY, *opts, *out, "--steps", "2", "--ckpt-every", "2", "--name", "halves"]) == 0
@@ -152,7 +125,7 @@ def test_cond_needs_labels(tmp_path, capsys):
     assert "has no class labels" in capsys.readouterr().err
 
 
-def test_sample_cli_class_and_guidance(tmp_path, torch_stf):
+def test_sample_cli_class_and_guidance(tmp_path):
     run = tmp_path / "runs" / "c"
     assert main([*TINY, "--out", str(tmp_path / "runs"), "--name", "c", "--steps", "2", "--cond",
                  "--label-dropout", "0.25", "--objective", "dsm"]) == 0
@@ -173,18 +146,11 @@ def test_sample_cli_class_and_guidance(tmp_path, torch_stf):
     assert not torch.equal(gen(1.0), gen(3.0))
 
 
-def _sharded_takes_ref_args() -> bool:
-    from fastdiff.distributed import stf_target_sharded
-    return "ref_logw" in inspect.signature(stf_target_sharded).parameters
-
-
 @pytest.mark.parametrize("opts", [
     ["--ref-size", "all", "--xflip"],
-    pytest.param(["--cond", "--label-dropout", "0.25", "--ref-sampling", "neighbours", "--ref-neighbours", "2",
-                  "--ref-size", "40"], marks=pytest.mark.skipif(
-        not _sharded_takes_ref_args() or not _ext_takes_ref_args(),
-        reason="fastdiff.distributed.stf_target_sharded / the built extension do not take labels and ref_logw yet")),
-], ids=["all", "cond-neighbours"])
+    ["--cond", "--label-dropout", "0.25", "--ref-sampling", "neighbours", "--ref-neighbours", "2", "--ref-size", "40"],
+    ["--cond", "--label-dropout", "0.25", "--ref-size", "all"],
+], ids=["all", "cond-neighbours", "cond-all"])
 def test_ddp_two_processes(tmp_path, opts):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "fastdiff.train", *TINY, *opts, "--steps", "2", "--ckpt-every", "2", "--out", "runs",
@@ -197,7 +163,7 @@ def test_ddp_two_processes(tmp_path, opts):
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
 
 
-def test_proxy_fid_per_class(tmp_path, torch_stf):
+def test_proxy_fid_per_class(tmp_path):
     run = tmp_path / "runs" / "f"
     assert main([*TINY, "--out", str(tmp_path / "runs"), "--name", "f", "--steps", "1", "--cond", "--objective",
                  "dsm", "--fid-every", "0", "--fid-samples", "40"]) == 0
