@@ -26,22 +26,12 @@ from fastdiff import checkpoint as ckpt_io
 from fastdiff import runlock
 from fastdiff.data import DataError, load_dataset
 from fastdiff.train import main
-from test_train import _assert_bitwise_equal as _equal     # tests/ is on sys.path under pytest
+from test_train import _assert_bitwise_equal as _equal, _env, _train     # tests/ is on sys.path under pytest
 
 VEC = ["--data", "gmm", "--model", "mlp", "--batch", "16", "--ref-size", "64", "--fid-every", "-1",
        "--sample-steps", "2", "--log-every", "1", "--warmup", "2", "--device", "cpu", "--no-compile"]
 
 
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("FASTDIFF_FAULT", None)
-    env.update(extra)
-    return env
-
-
-def _train(args, cwd, **env):
-    return subprocess.run([sys.executable, "-m", "fastdiff.train", *args], cwd=cwd, env=_env(**env),
-                          capture_output=True, text=True, timeout=300)
 
 
 def _run(tmp_path, *args):
