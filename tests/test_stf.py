@@ -560,6 +560,18 @@ def test_moderate_sigma_clusters_chunked(backend, sigma, monkeypatch):
     assert_lse(lse, x, s, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_moderate_sigma_ragged(backend, dtype):
+    """Sizes that fill no tile evenly (the cpu backend's float64 kernel: rows of x by 4, of ref
+    by 3 and 6, D by 4 and 256), and the data dtypes (float64 ref: MKL's dgemm on ref itself)."""
+    x, s, ref = moderate_sigma_case(12.0, "unit", B=7, clusters=5, per=37, D=1001)
+    x, ref = x.to(dtype), ref.to(dtype)
+    t, lse = run(backend, x, s, ref)
+    x64, r64 = x.double(), ref.double()
+    assert_contract(t, x64, s, r64)
+    assert_lse(lse, x64, s, r64)
+
+
 @pytest.mark.parametrize("mutant", ["loosened bound", "skipped re-evaluation"])
 def test_moderate_sigma_cases_catch_mutations(mutant, monkeypatch):
     """The moderate-sigma cases can fail: with the bound 1000x too small, or with no entry

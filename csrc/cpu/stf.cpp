@@ -130,6 +130,76 @@ inline double sumsq<float>(const float* r, int64_t D) {
   for (; d < D; ++d) a0 += static_cast<double>(r[d]) * static_cast<double>(r[d]);
   return (a0 + a1) + (a2 + a3);
 }
+// The dense rows' float64 logits GEMM, G = XD R^T, with XD (nd, D) float64 and R (s, D) the
+// float32 chunk of ref, widened to float64 (exactly) a block at a time in a buffer that
+// stays in L1: a float64 copy of the chunk costs ~0.4 of an fp32 GEMM, and MKL's dgemm on
+// thin converted tiles runs ~25% slower than on the whole chunk. Per thread, groups of 6
+// rows of R; D in blocks of 256 (the group's block, 12 KiB, and a 4-row tile of XD, 8 KiB,
+// stay in L1); register tiles of 4 rows of XD by 3 of R (12 accumulators). Summation: 4
+// lanes per block, blocks added in order: within gemm_gamma(D, 2^-53)'s model like any
+// blocked GEMM.
+constexpr int64_t kDotGroup = 6, kDotBlock = 256;
+
+template <int JB, int KB>
+__attribute__((target("avx2,fma"))) inline void dot64_tile(const double* XD, int64_t D, const double* Rb,
+                                                           int64_t n, double* out, int64_t ldo) {
+  __m256d acc[JB][KB];
+  for (int j = 0; j < JB; ++j)
+    for (int k = 0; k < KB; ++k) acc[j][k] = _mm256_setzero_pd();
+  int64_t d = 0;
+  for (; d + 4 <= n; d += 4) {
+    __m256d r[KB];
+    for (int k = 0; k < KB; ++k) r[k] = _mm256_loadu_pd(Rb + k * kDotBlock + d);
+    for (int j = 0; j < JB; ++j) {
+      const __m256d xv = _mm256_loadu_pd(XD + j * D + d);
+      for (int k = 0; k < KB; ++k) acc[j][k] = _mm256_fmadd_pd(xv, r[k], acc[j][k]);
+    }
+  }
+  for (int j = 0; j < JB; ++j)
+    for (int k = 0; k < KB; ++k) {
+      alignas(32) double lanes[4];
+      _mm256_store_pd(lanes, acc[j][k]);
+      double s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+      for (int64_t e = d; e < n; ++e) s += XD[j * D + e] * Rb[k * kDotBlock + e];
+      out[j * ldo + k] += s;
+    }
+}
+
+template <int KB>
+inline void dot64_row_tiles(const double* XD, int64_t nd, int64_t D, const double* Rb, int64_t n, double* out,
+                            int64_t ldo) {
+  int64_t j = 0;
+  for (; j + 4 <= nd; j += 4) dot64_tile<4, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo);
+  switch (nd - j) {
+    case 3: dot64_tile<3, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
+    case 2: dot64_tile<2, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
+    case 1: dot64_tile<1, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
+    default: break;
+  }
+}
+
+// out (nd, s), row-major, overwritten.
+void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int64_t D, double* out) {
+  at::parallel_for(0, (s + kDotGroup - 1) / kDotGroup, 1, [&](int64_t g0, int64_t g1) {
+    alignas(32) double rb[kDotGroup * kDotBlock];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t k0 = g * kDotGroup, k1 = std::min(s, k0 + kDotGroup);
+      for (int64_t j = 0; j < nd; ++j) std::fill(out + j * s + k0, out + j * s + k1, 0.0);
+      for (int64_t d0 = 0; d0 < D; d0 += kDotBlock) {
+        const int64_t n = std::min(D - d0, kDotBlock);
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t e = 0; e < n; ++e) rb[(k - k0) * kDotBlock + e] = static_cast<double>(R[k * D + d0 + e]);
+        int64_t k = k0;
+        for (; k + 3 <= k1; k += 3) dot64_row_tiles<3>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
+        if (k1 - k == 2) dot64_row_tiles<2>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
+        if (k1 - k == 1) dot64_row_tiles<1>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
+      }
+    }
+  });
+}
+#else
+const bool kHaveAvx2 = false;
+void dot64_f32_avx2(const double*, int64_t, const float*, int64_t, int64_t, double*) {}
 #endif
 
 template <typename R>
@@ -368,6 +438,13 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
       }
     });
   }
+  // The fp32 GEMM streams all of ref whatever its rows (on this CPU 6 of 32 rows cost ~2/3
+  // of all 32), the float64 kernel costs per row: where at most a fifth of the rows would
+  // remain, they are dense too.
+  {
+    const int64_t nu = std::count(up_dense.begin(), up_dense.end(), 1);
+    if (nu > 0 && 5 * (B - nu) <= B) std::fill(up_dense.begin(), up_dense.end(), 1);
+  }
   std::vector<int64_t> frows, urows;                 // fp32-GEMM rows, up-front dense rows
   std::vector<int64_t> fpos(B, -1);                  // row i's row in the fp32 GEMM, or -1
   for (int64_t i = 0; i < B; ++i) {
@@ -400,14 +477,13 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   at::Tensor rc_buf = ref_is_f32 ? at::Tensor() : at::empty({C * D}, f32);
   const int64_t S = dense_tile_rows(D, C);
   at::Tensor r64_buf;  // S rows of ref in float64, allocated on first use
-  at::Tensor tile_buf;
+  at::Tensor tile_buf, g64_buf;
   std::vector<double> L((size_t)(B * C));
   std::vector<char> dense(B, 0);           // row i's logits come from the float64 expansion in this chunk
   std::vector<int64_t> p64_pos(B, -1);     // row i's row in P64 (float64 weighted sum), or -1
   float* ACC = acc.data_ptr<float>();
-  // With one chunk, the norms are computed after the first GEMM, which has just streamed ref
-  // through the cache (or while converting it for the up-front dense rows); with several, the
-  // bounds need max ||r|| before the first chunk.
+  // With one chunk, the norms pass follows the first GEMM, which has just streamed ref
+  // through the cache; with several, the bounds need max ||r|| before the first chunk.
   const bool norms_in_first_chunk = C >= N;
   if (!norms_in_first_chunk) {
     ref_norms_pass();
@@ -438,14 +514,9 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     const double* rnorm_c = rnorm.data() + k0;
     const float* rnf_c = rnf.data() + k0;
 
-    // The chunk's ref rows s0..s0+s-1 in float64 (a view of ref, or converted into r64_buf);
-    // with_norms: their ||r_k||^2 too (the norms pass, fused into the conversion).
-    auto ref64_tile = [&](int64_t s0, int64_t s, bool with_norms) -> at::Tensor {
-      if (ref_is_f64) {
-        if (with_norms)
-          for (int64_t j = 0; j < s; ++j) set_rnorm(k0 + s0 + j, sumsq(RC64 + (s0 + j) * D, D));
-        return rc.narrow(0, s0, s);
-      }
+    // The chunk's ref rows s0..s0+s-1 in float64: a view of ref, or converted into r64_buf.
+    auto ref64_tile = [&](int64_t s0, int64_t s) -> at::Tensor {
+      if (ref_is_f64) return rc.narrow(0, s0, s);
       if (!r64_buf.defined()) r64_buf = at::empty({S * D}, f64);
       double* R64 = r64_buf.data_ptr<double>();
       at::parallel_for(0, s, 4, [&](int64_t j0, int64_t j1) {
@@ -453,57 +524,54 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
           const float* src = RCF + (s0 + j) * D;
           double* dst = R64 + j * D;
           for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<double>(src[d]);
-          if (with_norms) set_rnorm(k0 + s0 + j, sumsq(dst, D));
         }
       });
       return r64_buf.narrow(0, 0, s * D).view({s, D});
     };
-    // Float64-expansion logits of `rows` (and their lower bound on the max), in tiles of S
-    // reference rows.
-    auto dense_logits = [&](const std::vector<int64_t>& rows, bool with_norms) {
+    // Float64-expansion logits of `rows` (and their lower bound on the max): the AVX2 kernel
+    // on the fp32 chunk, else MKL's dgemm on ref (float64 data) or on converted tiles of S rows.
+    auto dense_logits = [&](const std::vector<int64_t>& rows) {
       const int64_t nd = static_cast<int64_t>(rows.size());
       if (nd == 0) return;
       at::Tensor xd = at::empty({nd, D}, f64);
       double* XD = xd.data_ptr<double>();
       for (int64_t j = 0; j < nd; ++j) std::copy(X64 + rows[j] * D, X64 + (rows[j] + 1) * D, XD + j * D);
-      if (!tile_buf.defined() || tile_buf.numel() < B * S) tile_buf = at::empty({B * S}, f64);
-      std::vector<double> low(nd, kNegInf);
-      for (int64_t s0 = 0; s0 < c; s0 += S) {
-        const int64_t s = std::min(S, c - s0);
-        at::Tensor T = tile_buf.narrow(0, 0, nd * s).view({nd, s});
-        at::mm_out(T, xd, ref64_tile(s0, s, with_norms).t());
-        const double* g64 = T.data_ptr<double>();
-        at::parallel_for(0, nd, 4, [&](int64_t j0, int64_t j1) {
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t i = rows[j];
-            double* l = L.data() + i * c + s0;
-            const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
-            double lo = low[j];
-            for (int64_t k = 0; k < s; ++k) {
-              const int64_t kc = s0 + k;
-              const double lk = (2.0 * g64[j * s + k] - rn_c[kc]) * w - off + (tm.any() ? tm.bias(i, k0 + kc) : 0.0);
-              l[k] = lk;
-              lo = std::max(lo, lk - gamma64 * (rn_c[kc] + two_xn * rnorm_c[kc]) * w);
-            }
-            low[j] = lo;
+      if (!g64_buf.defined() || g64_buf.numel() < nd * c) g64_buf = at::empty({B * C}, f64);
+      at::Tensor G64 = g64_buf.narrow(0, 0, nd * c).view({nd, c});
+      if (kHaveAvx2 && !ref_is_f64) {
+        dot64_f32_avx2(XD, nd, RCF, c, D, G64.data_ptr<double>());
+      } else if (ref_is_f64) {
+        at::mm_out(G64, xd, rc.t());
+      } else {
+        for (int64_t s0 = 0; s0 < c; s0 += S) {
+          const int64_t s = std::min(S, c - s0);
+          at::Tensor T = tile_buf.defined() ? tile_buf : (tile_buf = at::empty({B * S}, f64));
+          at::Tensor Ts = T.narrow(0, 0, nd * s).view({nd, s});
+          at::mm_out(Ts, xd, ref64_tile(s0, s).t());
+          G64.narrow(1, s0, s).copy_(Ts);
+        }
+      }
+      const double* g64 = G64.data_ptr<double>();
+      at::parallel_for(0, nd, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i = rows[j];
+          double* l = L.data() + i * c;
+          const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
+          double low = kNegInf;
+          for (int64_t k = 0; k < c; ++k) {
+            const double lk = (2.0 * g64[j * c + k] - rn_c[k]) * w - off + (tm.any() ? tm.bias(i, k0 + k) : 0.0);
+            l[k] = lk;
+            low = std::max(low, lk - gamma64 * (rn_c[k] + two_xn * rnorm_c[k]) * w);
           }
-        });
-      }
-      for (int64_t j = 0; j < nd; ++j) {
-        m_low[rows[j]] = std::max(m_low[rows[j]], low[j]);
-        dense[rows[j]] = 1;
-      }
+          m_low[i] = std::max(m_low[i], low);
+          dense[i] = 1;
+        }
+      });
     };
 
     std::fill(dense.begin(), dense.end(), 0);
-    bool urows_done = false;
     if (k0 == 0 && norms_in_first_chunk) {
-      if (!urows.empty() && !ref_is_f64) {
-        dense_logits(urows, true);  // the norms pass, fused into the conversion
-        urows_done = true;
-      } else {
-        ref_norms_pass();
-      }
+      ref_norms_pass();
       finish_norms();
     }
 
@@ -561,8 +629,8 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     });
     std::vector<int64_t> drows;  // the chunk's dense rows still without float64 logits
     for (int64_t i = 0; i < B; ++i)
-      if (many[i] || (up_dense[i] && !urows_done)) drows.push_back(i);
-    dense_logits(drows, false);
+      if (many[i] || up_dense[i]) drows.push_back(i);
+    dense_logits(drows);
 
     // Dense rows whose fp32 weighted sum is not provably within budget: a float64 GEMM.
     std::vector<int64_t> rows64;
@@ -649,7 +717,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
       at::Tensor A64 = at::zeros({n64, D}, f64);
       for (int64_t s0 = 0; s0 < c; s0 += S) {
         const int64_t s = std::min(S, c - s0);
-        A64.addmm_(P64.narrow(1, s0, s), ref64_tile(s0, s, false));
+        A64.addmm_(P64.narrow(1, s0, s), ref64_tile(s0, s));
       }
       const double* AP = A64.data_ptr<double>();
       at::parallel_for(0, n64, 1, [&](int64_t j0, int64_t j1) {
