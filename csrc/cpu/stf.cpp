@@ -178,17 +178,23 @@ inline void dot64_row_tiles(const double* XD, int64_t nd, int64_t D, const doubl
   }
 }
 
-// out (nd, s), row-major, overwritten.
-void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int64_t D, double* out) {
+// out (nd, s), row-major, overwritten; rn (s) null, or set to ||R_k||^2 (float64, from the
+// widened blocks: every element of R is widened exactly once).
+void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int64_t D, double* out,
+                    double* rn) {
   at::parallel_for(0, (s + kDotGroup - 1) / kDotGroup, 1, [&](int64_t g0, int64_t g1) {
     alignas(32) double rb[kDotGroup * kDotBlock];
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t k0 = g * kDotGroup, k1 = std::min(s, k0 + kDotGroup);
       for (int64_t j = 0; j < nd; ++j) std::fill(out + j * s + k0, out + j * s + k1, 0.0);
+      if (rn) std::fill(rn + k0, rn + k1, 0.0);
       for (int64_t d0 = 0; d0 < D; d0 += kDotBlock) {
         const int64_t n = std::min(D - d0, kDotBlock);
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t e = 0; e < n; ++e) rb[(k - k0) * kDotBlock + e] = static_cast<double>(R[k * D + d0 + e]);
+        for (int64_t k = k0; k < k1; ++k) {
+          double* row = rb + (k - k0) * kDotBlock;
+          for (int64_t e = 0; e < n; ++e) row[e] = static_cast<double>(R[k * D + d0 + e]);
+          if (rn) rn[k] += sumsq(row, n);
+        }
         int64_t k = k0;
         for (; k + 3 <= k1; k += 3) dot64_row_tiles<3>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
         if (k1 - k == 2) dot64_row_tiles<2>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
@@ -199,7 +205,7 @@ void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int
 }
 #else
 const bool kHaveAvx2 = false;
-void dot64_f32_avx2(const double*, int64_t, const float*, int64_t, int64_t, double*) {}
+void dot64_f32_avx2(const double*, int64_t, const float*, int64_t, int64_t, double*, double*) {}
 #endif
 
 template <typename R>
@@ -530,7 +536,8 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     };
     // Float64-expansion logits of `rows` (and their lower bound on the max): the AVX2 kernel
     // on the fp32 chunk, else MKL's dgemm on ref (float64 data) or on converted tiles of S rows.
-    auto dense_logits = [&](const std::vector<int64_t>& rows) {
+    // with_norms (the AVX2 kernel only): the norms pass too, fused into its widening of ref.
+    auto dense_logits = [&](const std::vector<int64_t>& rows, bool with_norms) {
       const int64_t nd = static_cast<int64_t>(rows.size());
       if (nd == 0) return;
       at::Tensor xd = at::empty({nd, D}, f64);
@@ -539,7 +546,9 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
       if (!g64_buf.defined() || g64_buf.numel() < nd * c) g64_buf = at::empty({B * C}, f64);
       at::Tensor G64 = g64_buf.narrow(0, 0, nd * c).view({nd, c});
       if (kHaveAvx2 && !ref_is_f64) {
-        dot64_f32_avx2(XD, nd, RCF, c, D, G64.data_ptr<double>());
+        std::vector<double> rn_k(with_norms ? c : 0);
+        dot64_f32_avx2(XD, nd, RCF, c, D, G64.data_ptr<double>(), with_norms ? rn_k.data() : nullptr);
+        for (int64_t k = 0; k < (with_norms ? c : 0); ++k) set_rnorm(k0 + k, rn_k[k]);
       } else if (ref_is_f64) {
         at::mm_out(G64, xd, rc.t());
       } else {
@@ -570,7 +579,12 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     };
 
     std::fill(dense.begin(), dense.end(), 0);
-    if (k0 == 0 && norms_in_first_chunk) {
+    // Every row dense: the float64 kernel widens all of the (single) chunk, and its norms come with it.
+    const bool norms_from_kernel = k0 == 0 && norms_in_first_chunk && nf == 0 && kHaveAvx2 && !ref_is_f64;
+    if (norms_from_kernel) {
+      dense_logits(urows, true);
+      finish_norms();
+    } else if (k0 == 0 && norms_in_first_chunk) {
       ref_norms_pass();
       finish_norms();
     }
@@ -629,8 +643,8 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     });
     std::vector<int64_t> drows;  // the chunk's dense rows still without float64 logits
     for (int64_t i = 0; i < B; ++i)
-      if (many[i] || up_dense[i]) drows.push_back(i);
-    dense_logits(drows);
+      if (many[i] || (up_dense[i] && !norms_from_kernel)) drows.push_back(i);
+    dense_logits(drows, false);
 
     // Dense rows whose fp32 weighted sum is not provably within budget: a float64 GEMM.
     std::vector<int64_t> rows64;
