@@ -15,8 +15,9 @@ memory in MiB ("peak_mib"), the accuracy metric max_i err_i against a float64
 target ("max_err"), the paired ratio to the floor with its quartiles
 ("x_floor_paired", "x_floor_q1", "x_floor_q3") and the 1-minute load average
 before and after ("load_before", "load_after"), so a reader can judge how noisy
-a figure is. With --benchmark-disable (CI's smoke run) each peer runs once and
-the paired loop one round.
+a figure is. With --benchmark-disable (CI's smoke run) each peer runs once, the
+paired loop one round, the mid and tiny regimes at the first size only, and the
+peak memory in the "edm" regime only.
 `python benchmarks/report.py results.json` prints the ratios from a
 `--benchmark-json` file.
 
@@ -136,6 +137,8 @@ def _rounds(peer: str, B: int, N: int, D: int) -> int:
 def test_stf_target(benchmark, peer, regime, size):
     B, N, D = size
     why = _skip_reason(peer, B, N, D, regime)
+    if why is None and benchmark.disabled and regime != "edm" and size != SIZES[0]:
+        why = "smoke run (--benchmark-disable): the mid and tiny regimes run at the first size only"
     if why:
         pytest.skip(why)
     load_before = os.getloadavg()[0]
@@ -165,7 +168,8 @@ def test_stf_target(benchmark, peer, regime, size):
     if peer not in ("floor", "published"):
         ratios = _paired_floor_ratios(fn, x, sigma, ref, B, N, D, peer, rounds=1 if benchmark.disabled else None)
         benchmark.extra_info.update(_quartiles(ratios))
-    benchmark.extra_info["peak_mib"] = _peak_mib(peer, fn, x, sigma, ref, B, N, D, regime)
+    if not (benchmark.disabled and regime != "edm"):     # the smoke run: the memory path once per peer and size
+        benchmark.extra_info["peak_mib"] = _peak_mib(peer, fn, x, sigma, ref, B, N, D, regime)
     benchmark.extra_info.update(load_before=load_before, load_after=os.getloadavg()[0])
 
 
