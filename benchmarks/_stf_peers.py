@@ -143,10 +143,27 @@ def make_floor(B: int, N: int, dtype=torch.float32, device="cpu", precision: str
     return floor
 
 
-def backend_peer(backend: str, precision: str = "highest"):
+def backend_peer(backend: str, precision: str = "highest", **terms):
+    """fastdiff.stf_target on `backend`; terms: labels / ref_labels / ref_logw (reference_terms)."""
     def fn(x, sigma, ref):
-        return fastdiff.stf_target(x, sigma, ref, backend=backend, precision=precision)
+        return fastdiff.stf_target(x, sigma, ref, backend=backend, precision=precision, **terms)
     return fn
+
+
+def reference_terms(B: int, N: int, kind: str, *, seed: int = 1, device="cpu") -> dict:
+    """stf_target's keyword arguments for the reference-set benchmarks: "labels" (10 classes;
+    a query row's label is its source's, ref[:B] as in `problem`), "ref_logw" (log-weights
+    ~ N(0, 1), every 10th row but the sources excluded with -inf), or "both"."""
+    g = torch.Generator().manual_seed(seed)
+    terms = {}
+    if kind in ("labels", "both"):
+        ref_labels = torch.randint(0, 10, (N,), generator=g)
+        terms.update(labels=ref_labels[:B].to(device), ref_labels=ref_labels.to(device))
+    if kind in ("ref_logw", "both"):
+        ref_logw = torch.randn(N, generator=g)
+        ref_logw[B::10] = -math.inf
+        terms.update(ref_logw=ref_logw.to(device))
+    return terms
 
 
 def image_like(n: int, D: int = 3072, *, generator: torch.Generator | None = None,

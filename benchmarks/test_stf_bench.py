@@ -221,22 +221,68 @@ def _quartiles(ratios: list[float]) -> dict:
 
 
 def _paired_floor_ratios(fn, x, sigma, ref, B, N, D, peer, precision="highest", rounds=None) -> list[float]:
-    """time(peer) / time(floor) per round, the two called back to back (rounds: default _rounds).
+    """time(peer) / time(floor) per round, called back to back (rounds: default _rounds)."""
+    floor = P.make_peer("floor", B, N, DEVICE, precision=precision)
+    floor(x, sigma, ref)                                  # casts its operands once
+    return _paired_ratios(fn, floor, x, sigma, ref, rounds or _rounds(peer, B, N, D))
+
+
+def _paired_ratio(fn, base, x, sigma, ref, rounds: int) -> float:
+    """Median over rounds of time(fn) / time(base), the two called back to back."""
+    return statistics.median(_paired_ratios(fn, base, x, sigma, ref, rounds))
+
+
+def _paired_ratios(fn, base, x, sigma, ref, rounds: int) -> list[float]:
+    """time(fn) / time(base) per round, the two called back to back.
 
     A shared VM drifts in speed over seconds; the medians of two benchmarks run
     one after the other inherit that drift, the ratio of adjacent calls does not.
     """
-    floor = P.make_peer("floor", B, N, DEVICE, precision=precision)
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    floor(x, sigma, ref)                                  # casts its operands once
     ratios = []
-    for _ in range(rounds or _rounds(peer, B, N, D)):
+    for _ in range(rounds):
         t0 = time.perf_counter()
         fn(x, sigma, ref)
         sync()
         t1 = time.perf_counter()
-        floor(x, sigma, ref)
+        base(x, sigma, ref)
         sync()
         t2 = time.perf_counter()
         ratios.append((t1 - t0) / (t2 - t1))
     return ratios
+
+
+# Reference sets (issue 13): the op with labels / ref_labels, with ref_logw, and with both,
+# against the plain op at B=32, N=8192, D=3072 (target: <= 1.05x the plain op on CPU).
+# "x_plain_paired" in extra_info is the paired ratio to the plain op. Their accuracy is
+# tested in tests/test_stf.py (float64 oracle), not recorded here.
+TERMS_SIZE = (32, 8192, 3072)
+
+
+@pytest.mark.parametrize("peer", ["plain", "labels", "ref_logw", "both"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"] if DEVICE == "cpu" else ["cuda", "triton"])
+def test_stf_reference_terms(benchmark, backend, peer):
+    B, N, D = TERMS_SIZE
+    status = _dispatch.backend_status(backend, DEVICE, "stf_target")
+    if not status.available:
+        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
+    x, sigma, ref = P.problem(B, N, D, device=DEVICE)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+
+    def timed(peer_fn):
+        def fn(x, sigma, ref):
+            out = peer_fn(x, sigma, ref)
+            sync()
+            return out
+        return fn
+
+    plain = timed(P.backend_peer(backend))
+    fn = plain if peer == "plain" else timed(P.backend_peer(backend, **P.reference_terms(B, N, peer,
+                                                                                         device=DEVICE)))
+    benchmark.group = f"stf_target reference terms B={B} N={N} D={D} {DEVICE} {backend}"
+    benchmark.extra_info.update(peer=peer, backend=backend, B=B, N=N, D=D, device=DEVICE,
+                                threads=torch.get_num_threads())
+    rounds = _rounds(backend, B, N, D)
+    benchmark.pedantic(fn, args=(x, sigma, ref), rounds=rounds, iterations=1, warmup_rounds=1)
+    if peer != "plain":
+        benchmark.extra_info["x_plain_paired"] = _paired_ratio(fn, plain, x, sigma, ref, rounds)

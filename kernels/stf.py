@@ -2,16 +2,19 @@
 
 The algorithm is stf_target_torch's (fastdiff/ops/stf.py), laid out for a GPU:
 
-    l_ik = g_ik - xn_i * inv2s2_i,   g_ik = (2 x_i.r_k - ||r_k||^2) * inv2s2_i,   inv2s2 = 1/(2 sigma^2)
+    l_ik = g_ik - xn_i * inv2s2_i,   g_ik = (2 x_i.r_k - ||r_k||^2) * inv2s2_i + b_ik,   inv2s2 = 1/(2 sigma^2)
 
-Only the shifted logit g is ever formed (fp32, from the GEMM); the per-row
-offset xn_i * inv2s2_i cancels in the softmax and is put back, in float64, in
-lse. N is cut into S contiguous splits (S > 1 when B alone gives too few
+Only the shifted logit g is ever formed: the GEMM part 2 x.r - ||r||^2 in fp32
+(finite for rows within MAX_SQNORM), scaled by inv2s2 in float64 in the row
+kernel (so no sigma down to float32's smallest normal overflows it), plus
+b_ik = ref_logw_k, or -inf where ref_labels_k != labels_i (the optional terms,
+float64, added where the row kernel reads G); the per-row offset
+xn_i * inv2s2_i cancels in the softmax and is put back, in float64, in lse. N is cut into S contiguous splits (S > 1 when B alone gives too few
 programs); every split keeps its own online log-sum-exp state, and the host
 walks the splits in chunks of Cs reference rows. Per chunk, three launches:
 
-  1. _logits_kernel, grid (B/BM, Cs/BN, S): the fp32 tile g = (2 x.r - ||r||^2)
-     * inv2s2 by tl.dot over D (tiles BK wide) into G (S, B, Cs).
+  1. _logits_kernel, grid (B/BM, Cs/BN, S): the fp32 tile 2 x.r - ||r||^2
+     by tl.dot over D (tiles BK wide) into G (S, B, Cs).
   2. _row_kernel, grid (B, S): per row and split, in float64: the running lower
      bound m_low on the max logit, the flags (below; marked by a NaN written
      over the entry's G, read back after a barrier), the exact float64
@@ -191,7 +194,7 @@ def _sqnorm_kernel(X, OUT, D, BD: tl.constexpr):
 
 @triton.autotune(configs=_LOGIT_CONFIGS, key=["B", "Cs", "D", "PREC", "BF16"])
 @triton.jit
-def _logits_kernel(X, R, RN32, INV2S2_32, G, B, N, D, Cs, span, j0,
+def _logits_kernel(X, R, RN32, G, B, N, D, Cs, span, j0,
                    PREC: tl.constexpr, BF16: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -215,8 +218,7 @@ def _logits_kernel(X, R, RN32, INV2S2_32, G, B, N, D, Cs, span, j0,
         else:
             acc = tl.dot(a, b, acc, input_precision=PREC)
     rn = tl.load(RN32 + col, mask=cmask, other=0.0)
-    inv = tl.load(INV2S2_32 + rows, mask=rmask, other=0.0)
-    g = (2.0 * acc - rn[None, :]) * inv[:, None]
+    g = 2.0 * acc - rn[None, :]
     gp = G + (s * B + rows).to(tl.int64)[:, None] * Cs + lc[None, :]
     tl.store(gp, g, mask=rmask[:, None] & (lc < Cs)[None, :])
 
@@ -224,6 +226,18 @@ def _logits_kernel(X, R, RN32, INV2S2_32, G, B, N, D, Cs, span, j0,
 @triton.jit
 def _err_bound(rn, rnorm, xnorm, inv2s2, gamma):
     return gamma * (rn + 2.0 * xnorm * rnorm) * inv2s2
+
+
+@triton.jit
+def _logit(gbase, lc, col, valid, inv2s2, lab, RLAB, LW, HAS_LAB: tl.constexpr, HAS_LW: tl.constexpr):
+    """The chunk's shifted float64 logits g_ik = G * inv2s2 + b_ik (NaN where G holds a flag;
+    a flagged entry's label always matches, a -inf entry is never flagged)."""
+    g = tl.load(gbase + lc, mask=valid, other=0.0).to(tl.float64) * inv2s2
+    if HAS_LW:
+        g += tl.load(LW + col, mask=valid, other=0.0)
+    if HAS_LAB:
+        g = tl.where(tl.load(RLAB + col, mask=valid, other=0) == lab, g, float("-inf"))
+    return g
 
 
 @triton.jit
@@ -238,9 +252,10 @@ def _flags(g, e, ml, lb, lbe, valid):
 
 @triton.jit
 def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
-                M, ML, L, L64, SCALE, ACC64,
+                M, ML, L, L64, SCALE, ACC64, LAB, RLAB, LW,
                 B, N, D, Cs, span, j0, gamma,
-                EXACT: tl.constexpr, BLK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+                EXACT: tl.constexpr, HAS_LAB: tl.constexpr, HAS_LW: tl.constexpr,
+                BLK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     b = tl.program_id(0)
     s = tl.program_id(1)
     idx = s * B + b
@@ -255,6 +270,9 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
     ebase = E64 + idx.to(tl.int64) * Cs
     xrow = X + b.to(tl.int64) * D
     NEG = float("-inf")
+    lab = 0
+    if HAS_LAB:
+        lab = tl.load(LAB + b)
 
     # pass A: the running lower bound on the split's max logit
     if EXACT:
@@ -262,7 +280,7 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
             lc = c0 + tl.arange(0, BLK)
             col = s * span + j0 + lc
             valid = (lc < Cs) & (j0 + lc < span) & (col < N)
-            g = tl.load(gbase + lc, mask=valid, other=0.0).to(tl.float64)
+            g = _logit(gbase, lc, col, valid, inv2s2, lab, RLAB, LW, HAS_LAB, HAS_LW)
             e = _err_bound(tl.load(RN + col, mask=valid, other=0.0), tl.load(RNORM + col, mask=valid, other=0.0),
                            xnorm, inv2s2, gamma)
             ml = tl.maximum(ml, tl.max(tl.where(valid, g - e, NEG), axis=0))
@@ -273,7 +291,7 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
         lc = c0 + tl.arange(0, BLK)
         col = s * span + j0 + lc
         valid = (lc < Cs) & (j0 + lc < span) & (col < N)
-        g = tl.load(gbase + lc, mask=valid, other=0.0).to(tl.float64)
+        g = _logit(gbase, lc, col, valid, inv2s2, lab, RLAB, LW, HAS_LAB, HAS_LW)
         if EXACT:
             e = _err_bound(tl.load(RN + col, mask=valid, other=0.0), tl.load(RNORM + col, mask=valid, other=0.0),
                            xnorm, inv2s2, gamma)
@@ -296,6 +314,8 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
                     diff = xv[None, :] - rv
                     dist += tl.sum(diff * diff, axis=1)
                 ge = (xn - dist) * inv2s2
+                if HAS_LW:
+                    ge += tl.load(LW + col, mask=flag, other=0.0)
                 tl.store(ebase + lc, ge, mask=flag)
                 mx = tl.maximum(mx, tl.max(tl.where(flag, ge, NEG), axis=0))
         else:
@@ -307,8 +327,10 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
     # ACC64, read-modify-written by the rescale and by each flagged block of pass C.
     tl.debug_barrier()
 
-    # Rescale the running state. m_new = -inf means the split has seen nothing yet.
+    # Rescale the running state. m_new = -inf means the split has seen nothing yet (or only
+    # -inf logits: exp(g - m_ref) is then 0, never exp(-inf - -inf)).
     scale = tl.where(m_new == NEG, 1.0, tl.exp(m_old - m_new))
+    m_ref = tl.where(m_new == NEG, 0.0, m_new)
     l_acc = tl.load(L + idx) * scale
     l64_old = tl.load(L64 + idx)
     l64 = l64_old * scale
@@ -327,19 +349,19 @@ def _row_kernel(G, E64, X, R, RN, RNORM, XN, XNORM, INV2S2, LB, LBE,
         lc = c0 + tl.arange(0, BLK)
         col = s * span + j0 + lc
         valid = (lc < Cs) & (j0 + lc < span) & (col < N)
-        g = tl.load(gbase + lc, mask=valid, other=0.0).to(tl.float64)
+        g = _logit(gbase, lc, col, valid, inv2s2, lab, RLAB, LW, HAS_LAB, HAS_LW)
         if EXACT:
             flag = valid & (g != g)     # flagged in pass B
             keep = valid & ~flag
         else:
             keep = valid
-        p = tl.where(keep, tl.exp(g - m_new), 0.0)
+        p = tl.where(keep, tl.exp(g - m_ref), 0.0)
         tl.store(gbase + lc, p.to(tl.float32), mask=lc < Cs)
         l_acc += tl.sum(p, axis=0)
         if EXACT:
             if tl.sum(flag.to(tl.int32), axis=0) > 0:
                 ge = tl.load(ebase + lc, mask=flag, other=0.0)
-                w = tl.where(flag, tl.exp(ge - m_new), 0.0)
+                w = tl.where(flag, tl.exp(ge - m_ref), 0.0)
                 l_acc += tl.sum(w, axis=0)
                 l64 += tl.sum(w, axis=0)
                 col64 = col.to(tl.int64)
@@ -468,7 +490,8 @@ def combine(m, l, acc32, acc64, xn, inv2s2, t_out, lse_out):
         HAS64=has64, BS=max(2, triton.next_power_of_2(S)), BD=_COMBINE_BD)
 
 
-def stf_target_splits(x, sigma, ref, precision, t_out, lse_out, splits=None, chunk=None):
+def stf_target_splits(x, sigma, ref, precision, t_out, lse_out, splits=None, chunk=None, labels=None,
+                      ref_labels=None, ref_logw=None):
     """stf_target_triton with the split count and chunk width (per split) exposed for tests."""
     B, D = x.shape
     N = ref.shape[0]
@@ -498,7 +521,6 @@ def stf_target_splits(x, sigma, ref, precision, t_out, lse_out, splits=None, chu
     lb = lbe - math.log(N)
     gamma = 2.0 * (gemm_gamma(D) + TF32X3_EXTRA)     # x2: the kernel's own fp32 rounding
     rn32 = rn.float()
-    inv32 = inv2s2.float()
 
     G = torch.empty(S, B, Cs, dtype=torch.float32, device=dev)
     E64 = torch.empty(S, B, Cs, dtype=torch.float64, device=dev) if exact else G
@@ -510,15 +532,17 @@ def stf_target_splits(x, sigma, ref, precision, t_out, lse_out, splits=None, chu
     acc = [torch.zeros(S, B, D, dtype=torch.float32, device=dev),
            torch.empty(S, B, D, dtype=torch.float32, device=dev)]
     acc64 = torch.zeros(S, B, D, dtype=torch.float64, device=dev) if exact else None
+    has_lab, has_lw = labels is not None, ref_logw is not None
 
     for j in range(n_chunks):
         j0 = j * Cs
         _logits_kernel[lambda meta: (triton.cdiv(B, meta["BM"]), triton.cdiv(Cs, meta["BN"]), S)](
-            x, ref, rn32, inv32, G, B, N, D, Cs, span, j0, PREC=prec, BF16=bf16)
+            x, ref, rn32, G, B, N, D, Cs, span, j0, PREC=prec, BF16=bf16)
         _row_kernel[(B, S)](
             G, E64, x, ref, rn, rnorm, xn, xnorm, inv2s2, lb, lbe, m, ml, l, l64, scale,
-            acc64 if exact else G, B, N, D, Cs, span, j0, gamma,
-            EXACT=exact, BLK=_ROW_BLK, BD=_ROW_BD, BV=_ROW_BV, num_warps=4)
+            acc64 if exact else G, labels if has_lab else m, ref_labels if has_lab else m,
+            ref_logw if has_lw else m, B, N, D, Cs, span, j0, gamma,
+            EXACT=exact, HAS_LAB=has_lab, HAS_LW=has_lw, BLK=_ROW_BLK, BD=_ROW_BD, BV=_ROW_BV, num_warps=4)
         _pv_kernel[lambda meta: (triton.cdiv(B, meta["BM"]), triton.cdiv(D, meta["BD"]), S)](
             G, ref, scale, acc[0], acc[1], B, N, D, Cs, span, j0, PREC=prec, BF16=bf16, OFF64=off64)
         acc.reverse()
@@ -526,6 +550,8 @@ def stf_target_splits(x, sigma, ref, precision, t_out, lse_out, splits=None, chu
 
 
 def stf_target_triton(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, precision: str,
-                      t_out: torch.Tensor, lse_out: torch.Tensor) -> None:
+                      t_out: torch.Tensor, lse_out: torch.Tensor, labels: torch.Tensor | None = None,
+                      ref_labels: torch.Tensor | None = None, ref_logw: torch.Tensor | None = None) -> None:
     """The `triton` backend of fastdiff.stf_target (backend contract: see fastdiff/ops/stf.py)."""
-    stf_target_splits(x, sigma, ref, precision, t_out, lse_out)
+    stf_target_splits(x, sigma, ref, precision, t_out, lse_out, labels=labels, ref_labels=ref_labels,
+                      ref_logw=ref_logw)

@@ -90,6 +90,39 @@ def _bisect(g):
             [torch.cat([*sh, f]) for sh, f in zip(shards, far)])
 
 
+def _terms_case():
+    """The "dup" case with labels and log-weights: per rank, query labels; per shard, ref_labels
+    (label 3 on shard 1 only, so shard 0 serves none of its queries) and ref_logw with -inf
+    entries; the near-duplicate pair across ranks in two classes."""
+    xs, sigmas, shards = _case("dup")
+    g = torch.Generator().manual_seed(zlib_seed("terms"))
+    ref_labels = [torch.randint(0, 3, (sh.shape[0],), generator=g) for sh in shards]
+    ref_labels[1][:20] = 3
+    ref_logw = [2.0 * torch.randn(sh.shape[0], generator=g, dtype=torch.float64) for sh in shards]
+    for lw in ref_logw:
+        lw[5::6] = -math.inf
+    labels = []
+    for r in range(WORLD):
+        lab = torch.randint(0, 4, (xs[r].shape[0],), generator=g)
+        lab[0] = ref_labels[0][r]              # the near-duplicate's source keeps its class...
+        ref_labels[1][r] = (ref_labels[0][r] + 1) % 3   # ...and the duplicate on rank 1 another one
+        ref_logw[0][r] = 0.0
+        labels.append(lab)
+    return xs, sigmas, shards, labels, ref_labels, ref_logw
+
+
+TERM_KINDS = ("labels", "ref_logw", "both")
+
+
+def _terms_kw(kind, labels, ref_labels, ref_logw):
+    kw = {}
+    if kind in ("labels", "both"):
+        kw.update(labels=labels, ref_labels=ref_labels)
+    if kind in ("ref_logw", "both"):
+        kw.update(ref_logw=ref_logw)
+    return kw
+
+
 def zlib_seed(name: str) -> int:
     import zlib
     return zlib.crc32(name.encode())
@@ -123,8 +156,25 @@ def _worker(rank: int, init: str, out: str, port: int, task: str):
     results["b1sigma"] = stf_target_sharded(xs[rank], sigmas[rank][:, None], shards[rank])
     for dt in (torch.float64, torch.bfloat16):
         results[dt] = stf_target_sharded(xs[rank].to(dt), sigmas[rank], shards[rank].to(dt))
+    # labels / ref_labels / ref_logw: each rank its own queries' labels and its shard's terms
+    xs, sigmas, shards, labels, ref_labels, ref_logw = _terms_case()
+    for kind in TERM_KINDS:
+        for backend in ("auto", "torch"):
+            kw = _terms_kw(kind, labels[rank], ref_labels[rank], ref_logw[rank])
+            results["terms", kind, backend] = stf_target_sharded(xs[rank], sigmas[rank], shards[rank],
+                                                                 backend=backend, **kw)
     # every rank must reject a batch-size mismatch by naming the argument
     errors = {}
+    lab = labels[rank].clone()
+    lab[1] = 42 if rank == 1 else lab[1]
+    try:
+        stf_target_sharded(xs[rank], sigmas[rank], shards[rank], labels=lab, ref_labels=ref_labels[rank])
+    except ValueError as e:
+        errors["no_ref"] = str(e)
+    try:
+        stf_target_sharded(xs[rank], sigmas[rank], shards[rank], ref_logw=ref_logw[rank] if rank else None)
+    except ValueError as e:
+        errors["terms_mismatch"] = str(e)
     try:
         stf_target_sharded(xs[rank][:3 + rank], 0.5, shards[rank])
     except ValueError as e:
@@ -199,6 +249,27 @@ def test_sharded_target_mismatches_raise_on_every_rank(sharded):
         assert "x must have the same batch size on every rank" in e["batch"]
         assert "x must have the same dtype on every rank" in e["dtype"]
         assert "ref_shard is empty on every rank" in e["all_empty"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("kind", TERM_KINDS)
+def test_sharded_target_with_labels_and_log_weights(sharded, kind, backend):
+    xs, sigmas, shards, labels, ref_labels, ref_logw = _terms_case()
+    ref = torch.cat(shards)
+    for r in range(WORLD):
+        kw = _terms_kw(kind, labels[r], torch.cat(ref_labels), torch.cat(ref_logw))
+        t = sharded["ranks"][r]["results"]["terms", kind, backend]
+        assert t.shape == xs[r].shape and torch.isfinite(t).all()
+        t64, _ = oracle(xs[r], sigmas[r], ref, **kw)
+        err = row_err(t, t64, sigmas[r])
+        assert err.max() <= CONTRACT, f"rank {r}: err {err.tolist()} sigma {sigmas[r].tolist()}"
+
+
+def test_sharded_target_terms_errors_on_every_rank(sharded):
+    for r in range(WORLD):
+        e = sharded["ranks"][r]["errors"]
+        assert "row 1 of rank 1 has label 42 but no rank has a reference row with ref_labels == 42" in e["no_ref"]
+        assert "ref_logw must be given on every rank or on none" in e["terms_mismatch"]
 
 
 def test_single_process_is_stf_target():

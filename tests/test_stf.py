@@ -753,6 +753,19 @@ def test_terms_weights_and_target_agree(backend, kind):
     torch.testing.assert_close(t, (w.double() @ ref.double()).float(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("sigma", [0.002, 0.5, 30.0])
+def test_terms_data_dtypes(backend, dtype, sigma, monkeypatch):
+    # several chunks; at sigma = 30 the float64-GEMM rows (from float64 ref: its own data)
+    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * 8 * 16 + 4 * 96 * 16)
+    x, s, ref, terms = terms_case(8, 50, 96, sigma, seed=3)
+    x, ref = x.to(dtype), ref.to(dtype)
+    t, lse = run(backend, x, s, ref, **terms)
+    assert t.dtype == dtype
+    assert_contract(t, x, s, ref, **terms)
+    assert_lse(lse, x, s, ref, **terms)
+
+
 def test_terms_label_dtypes_and_image_shape(backend):
     ref = torch.rand(9, 2, 3, 4)
     x = ref[:3] + 0.05 * torch.randn(3, 2, 3, 4)

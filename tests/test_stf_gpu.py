@@ -56,21 +56,23 @@ def _impl(backend):
     return _dispatch.resolve("stf_target", backend, "cuda")[1]
 
 
-def _run_poisoned(backend, x, sigma, ref, precision="highest"):
-    """Calls the backend on NaN-poisoned outputs; returns (t, lse)."""
+def _run_poisoned(backend, x, sigma, ref, precision="highest", finite=True, **terms):
+    """Calls the backend on NaN-poisoned outputs; returns (t, lse). terms: labels / ref_labels /
+    ref_logw, as the public function passes them (int64, int64, float64)."""
     impl = _impl(backend)
     x2, ref2 = x.reshape(x.shape[0], -1).contiguous(), ref.reshape(ref.shape[0], -1).contiguous()
     s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]).contiguous()
     t = torch.full_like(x2, float("nan"))
     lse = torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
-    impl(x2, s, ref2, precision, t, lse)
+    impl(x2, s, ref2, precision, t, lse, **terms)
     torch.cuda.synchronize()
-    assert torch.isfinite(t).all() and torch.isfinite(lse).all(), "NaN/Inf left in the poisoned outputs"
+    if finite:
+        assert torch.isfinite(t).all() and torch.isfinite(lse).all(), "NaN/Inf left in the poisoned outputs"
     return t, lse
 
 
-def _check(t, lse, x, sigma, ref):
-    t64, lse64 = oracle(x, sigma, ref)
+def _check(t, lse, x, sigma, ref, **terms):
+    t64, lse64 = oracle(x, sigma, ref, **terms)
     err = row_err(t, t64, sigma)
     assert err.max().item() <= CONTRACT, f"max err {err.max().item():.3g} at row {err.argmax().item()}"
     torch.testing.assert_close(lse.double(), lse64, rtol=1e-6, atol=1e-5)
@@ -429,3 +431,85 @@ def test_nan_data_gives_nan(backend, precision, where):
     if where == "ref":
         want[:] = True
     assert torch.equal(t.isnan().all(1).cpu(), want) and torch.equal(lse.isnan().cpu(), want)
+
+
+# ----------------------------------------------------------------------------
+# labels / ref_labels and ref_logw (issue 13)
+# ----------------------------------------------------------------------------
+
+def _terms_case(B, N, D, seed=0):
+    """Mixed sigma, each source's near-duplicate (distance ~sigma) in another class, exact
+    duplicates, log-weights over +-3 with every 7th row excluded (never a source), and a class
+    (9) whose rows all sit at the end of ref (late chunks and splits only)."""
+    torch.manual_seed(seed)
+    s = torch.tensor(SIGMAS).repeat(B // len(SIGMAS) + 1)[:B]
+    x, _, ref = near_duplicate_case(B, N, D, s)
+    ref[N - 8:] = ref[:8]
+    x = ref[:B] + s[:, None] * torch.randn(B, D)
+    ref_labels = torch.randint(0, 4, (N,))
+    n_dup = min(B, N - B)
+    ref_labels[B:B + n_dup] = (ref_labels[:n_dup] + 1) % 4
+    ref_labels[N - 64:] = 9
+    labels = ref_labels[:B].clone()
+    labels[B - 2:] = 9
+    ref_logw = 3.0 * torch.randn(N, dtype=torch.float64)
+    ref_logw[::7] = -math.inf
+    ref_logw[:B] = 0.0
+    terms = dict(labels=labels.cuda(), ref_labels=ref_labels.cuda(), ref_logw=ref_logw.cuda())
+    return x.cuda(), s.cuda(), ref.cuda(), terms
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["labels", "ref_logw", "both"])
+@pytest.mark.parametrize("B,N,D", [(64, 4096, 3072), (7, 1023, 3071), (128, 50000, 768)])
+def test_terms_highest(backend, kind, B, N, D):
+    x, s, ref, terms = _terms_case(B, N, D)
+    kw = {k: v for k, v in terms.items() if (k == "ref_logw") == (kind == "ref_logw") or kind == "both"}
+    t, lse = _run_poisoned(backend, x, s, ref, **kw)
+    _check(t, lse, x, s, ref, **kw)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_terms_row_without_reference(backend):
+    """The kernel contract: a row that no reference row serves gets t = 0 and lse = -inf (the
+    public function raises before); the other rows are unaffected."""
+    x, s, ref, terms = _terms_case(16, 3000, 768, seed=1)
+    terms["labels"][5] = 42
+    t, lse = _run_poisoned(backend, x, s, ref, finite=False, **terms)
+    assert torch.equal(t[5], torch.zeros_like(t[5])) and lse[5].item() == -math.inf
+    keep = [i for i in range(16) if i != 5]
+    assert torch.isfinite(t[keep]).all() and torch.isfinite(lse[keep]).all()
+    _check(t[keep], lse[keep], x[keep], s[keep], ref, **dict(terms, labels=terms["labels"][keep]))
+    with pytest.raises(ValueError, match="row 5 has label 42"):
+        fastdiff.stf_target(x, s, ref, backend=backend, **terms)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_terms_public_api(backend, dtype):
+    x, s, ref, terms = _terms_case(32, 2048, 1024, seed=2)
+    x, ref = x.to(dtype), ref.to(dtype)
+    t, lse = fastdiff.stf_target(x, s, ref, labels=terms["labels"].int(), ref_labels=terms["ref_labels"].short(),
+                                 ref_logw=terms["ref_logw"].float(), backend=backend, return_lse=True)
+    assert t.dtype == dtype
+    kw = dict(terms, ref_logw=terms["ref_logw"].float())
+    assert_contract(t, x, s, ref, **kw)
+    assert_lse(lse, x, s, ref, **kw)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("sigma", [1e-30, 1.2e-38])
+def test_sigma_down_to_the_smallest_normal_float32(backend, sigma):
+    # The GEMM part is scaled by 1/(2 sigma^2) in float64: in fp32 it overflowed below ~4e-20.
+    ref = torch.rand(300, 256, device="cuda") * 2 - 1
+    x = ref[:8].clone()
+    t = fastdiff.stf_target(x, sigma, ref, backend=backend)
+    torch.testing.assert_close(t, ref[:8], rtol=0, atol=0)

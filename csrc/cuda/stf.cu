@@ -2,9 +2,11 @@
 //
 // The same algorithm and layout as kernels/stf.py (read its docstring first):
 // per chunk of Cs reference rows in each of S splits,
-//   logits_kernel  G = (2 x.r - ||r||^2) * inv2s2     tensor-core GEMM (WMMA tf32, 3xTF32 for
+//   logits_kernel  G = 2 x.r - ||r||^2               tensor-core GEMM (WMMA tf32, 3xTF32 for
 //                                                    "highest"/"tf32x3"), fp32 accumulation
-//   row_kernel     per (row, split), float64: m_low, flags, exact direct-difference logits of
+//   row_kernel     per (row, split), float64: the logits g = G * inv2s2 + b_ik (b_ik: ref_logw,
+//                  -inf across labels; scaled in float64, so no normal sigma overflows them),
+//                  m_low, flags (never for a -inf entry), exact direct-difference logits of
 //                  the flagged entries, running max, weights (over G), flagged entries
 //                  accumulated in float64 into acc64
 //   pv_kernel      acc_out = acc_in * scale + P @ R_chunk   tensor-core GEMM, ping-pong buffers
@@ -136,14 +138,13 @@ __global__ void ref_consts_kernel(const double* __restrict__ rn, int N, double* 
 __global__ void row_consts_kernel(const float* __restrict__ sigma, const double* __restrict__ xn, int B, int D,
                                   int N, double log_error_budget, const double* __restrict__ lever,
                                   double* __restrict__ xnorm, double* __restrict__ inv2s2,
-                                  float* __restrict__ inv32, double* __restrict__ lb, double* __restrict__ lbe) {
+                                  double* __restrict__ lb, double* __restrict__ lbe) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= B) return;
   const double s = sigma[i];
   const double inv = 0.5 / (s * s);
   xnorm[i] = sqrt(xn[i]);
   inv2s2[i] = inv;
-  inv32[i] = static_cast<float>(inv);
   // (A): an entry is exempt if expm1(e) * lever <= ERROR_BUDGET * sigma sqrt(D);
   // (B): or if its weight-scaled error is <= that / N.
   const double e_abs = log_error_budget + log(s * sqrt(static_cast<double>(D))) - log(lever[0]);
@@ -277,7 +278,6 @@ struct ChunkGeom {
 template <int kMode, typename T>
 __global__ void __launch_bounds__(kGemmThreads) logits_kernel(const T* __restrict__ x, const T* __restrict__ ref,
                                                               const float* __restrict__ rn32,
-                                                              const float* __restrict__ inv32,
                                                               float* __restrict__ G, ChunkGeom q) {
   __shared__ __align__(32) GemmSmem sm;
   __shared__ __align__(32) float out[kBM][kBN + 4];
@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(kGemmThreads) logits_kernel(const T* __restric
     if (row >= q.B || lc >= q.Cs) continue;
     const int c = q.col(s, lc);
     const float rn = c >= 0 ? rn32[c] : 0.0f;
-    G[(static_cast<long long>(s) * q.B + row) * q.Cs + lc] = (2.0f * out[m][n] - rn) * inv32[row];
+    G[(static_cast<long long>(s) * q.B + row) * q.Cs + lc] = 2.0f * out[m][n] - rn;
   }
 }
 
@@ -318,13 +318,21 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
   const double m_old = a.m[idx];
   double ml = a.ml[idx];
   auto err = [&](int c) { return a.gamma * (a.rn[c] + 2.0 * xnorm * a.rnorm[c]) * inv2s2; };
+  const long long lab = a.labels ? a.labels[b] : 0;
+  // the float64 logit of reference row c from its G entry (NaN stays NaN: a flag, or NaN data)
+  auto logit = [&](float gv, int c) {
+    double v = static_cast<double>(gv) * inv2s2;
+    if (a.ref_logw) v += a.ref_logw[c];
+    if (a.labels && a.ref_labels[c] != lab) v = -INFINITY;
+    return v;
+  };
 
   // pass A: running lower bound on the split's max logit
   if (kExact) {
     double v = -INFINITY;
     for (int lc = tid; lc < q.Cs; lc += kRowThreads) {
       const int c = q.col(s, lc);
-      if (c >= 0) v = fmax(v, static_cast<double>(g[lc]) - err(c));
+      if (c >= 0) v = fmax(v, logit(g[lc], c) - err(c));
     }
     ml = fmax(ml, block_reduce<true>(v, sh));
   }
@@ -340,8 +348,8 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
     const int c = lc < q.Cs ? q.col(s, lc) : -1;
     bool f = false;
     if (c >= 0) {
-      const double gv = g[lc];
-      f = kExact && flagged(gv, err(c), ml, lb, lbe);
+      const double gv = logit(g[lc], c);
+      f = kExact && flagged(gv, err(c), ml, lb, lbe);  // false for gv = -inf (also where ml = -inf)
       if (!f) mx = fmax(mx, gv);
       if (kExact && (f || isnan(gv))) {
         g[lc] = NAN;
@@ -358,7 +366,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
           const double diff = to_double(x[j]) - to_double(r[j]);
           d += diff * diff;
         }
-        const double ge = (xn - warp_sum(d)) * inv2s2;
+        const double ge = (xn - warp_sum(d)) * inv2s2 + (a.ref_logw ? a.ref_logw[q.col(s, flc)] : 0.0);
         if (lane == 0) e64[flc] = ge;
         mx = fmax(mx, ge);
       }
@@ -367,8 +375,10 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
   mx = block_reduce<true>(mx, sh);  // its leading barrier publishes e64 and the NaN flags in G
   const double m_new = fmax(m_old, mx);
 
-  // rescale the running state; m_new = -inf means the split has seen nothing yet
+  // rescale the running state; m_new = -inf means the split has seen nothing yet (or only -inf
+  // logits: the weights are taken against m_ref = 0 then, exp(-inf) = 0, not exp(-inf - -inf))
   const double scale = m_new == -INFINITY ? 1.0 : exp(m_old - m_new);
+  const double m_ref = m_new == -INFINITY ? 0.0 : m_new;
   const double l64_old = a.l64[idx];
   if (kExact && l64_old > 0.0 && scale != 1.0)
     for (int j = tid; j < D; j += kRowThreads) acc64[j] *= scale;
@@ -381,9 +391,9 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
     bool f = false;
     double p = 0.0;
     if (c >= 0) {
-      const double gv = g[lc];
-      f = kExact && isnan(gv);  // flagged in pass B
-      if (!f) p = exp(gv - m_new);
+      const double gv = logit(g[lc], c);
+      f = kExact && isnan(gv);  // flagged in pass B (a flag's label matches, so its NaN survives logit)
+      if (!f) p = exp(gv - m_ref);
     }
     if (lc < q.Cs) g[lc] = static_cast<float>(p);
     lsum += p;
@@ -391,7 +401,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(StfArgs a, ChunkGeom q
       const int nf = compact_flags(f, lc, flist, wcount);
       for (int i = 0; i < nf; ++i) {
         const int flc = flist[i];
-        const double w = exp(e64[flc] - m_new);
+        const double w = exp(e64[flc] - m_ref);
         if (tid == 0) l64sum += w;
         const T* r = ref + static_cast<long long>(q.col(s, flc)) * D;
         for (int j = tid; j < D; j += kRowThreads) acc64[j] += w * to_double(r[j]);  // thread j owns acc64[j]
@@ -467,7 +477,7 @@ template <int kMode, typename T>
 void launch_chunk(const StfArgs& a, const ChunkGeom& q, const float* acc_in, float* acc_out, cudaStream_t st) {
   const int S = a.plan.S;
   logits_kernel<kMode, T><<<dim3((q.Cs + kBN - 1) / kBN, (q.B + kBM - 1) / kBM, S), kGemmThreads, 0, st>>>(
-      static_cast<const T*>(a.x), static_cast<const T*>(a.ref), a.rn32, a.inv32, a.G, q);
+      static_cast<const T*>(a.x), static_cast<const T*>(a.ref), a.rn32, a.G, q);
   if (a.exact)
     row_kernel<true, T><<<dim3(q.B, S), kRowThreads, 0, st>>>(a, q);
   else
@@ -483,7 +493,7 @@ cudaError_t run_typed(StfArgs a, cudaStream_t st) {
   sqnorm_kernel<T><<<N, 256, 0, st>>>(static_cast<const T*>(a.ref), D, a.rn);
   ref_consts_kernel<<<1, 1024, 0, st>>>(a.rn, N, a.rnorm, a.rn32, a.lever);
   row_consts_kernel<<<(B + 255) / 256, 256, 0, st>>>(a.sigma, a.xn, B, D, N, a.log_error_budget, a.lever,
-                                                    a.xnorm, a.inv2s2, a.inv32, a.lb, a.lbe);
+                                                    a.xnorm, a.inv2s2, a.lb, a.lbe);
   init_state_kernel<<<(S * B + 255) / 256, 256, 0, st>>>(S * B, a.m, a.ml, a.l, a.l64);
   cudaMemsetAsync(a.acc_a, 0, sizeof(float) * S * static_cast<size_t>(B) * D, st);
   if (a.exact) cudaMemsetAsync(a.acc64, 0, sizeof(double) * S * static_cast<size_t>(B) * D, st);

@@ -29,8 +29,12 @@ struct StfArgs {
   double log_error_budget;  // log(ERROR_BUDGET)
   // workspace (allocated by the caller)
   double *xn, *xnorm, *rn, *rnorm, *inv2s2, *lb, *lbe, *lever;  // (B,) (N,) (1,)
-  float *rn32, *inv32;                                          // (N,) (B,)
-  float* G;            // (S, B, Cs) logits, then weights
+  float* rn32;                                                  // (N,)
+  // optional terms (null if absent): b_ik = ref_logw[k], or -inf where ref_labels[k] != labels[i]
+  const long long* labels;      // (B,) int64
+  const long long* ref_labels;  // (N,) int64
+  const double* ref_logw;       // (N,)
+  float* G;            // (S, B, Cs) GEMM part 2 x.r - ||r||^2 (fp32), then weights
   double* E64;         // (S, B, Cs) exact logits of flagged entries (exact only)
   double *m, *ml, *l, *l64;   // (S, B), initialized by stf_run
   float* scale;        // (S, B)

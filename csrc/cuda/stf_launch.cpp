@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "cuda/stf.h"
@@ -19,7 +20,9 @@ constexpr double kErrorBudget = 1e-5;
 double gemm_gamma(int64_t D) { return std::ldexp(8.0 + 2.0 * std::sqrt(static_cast<double>(D)), -24); }
 
 void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref,
-                     c10::string_view precision, int64_t chunk, at::Tensor t, at::Tensor lse) {
+                     c10::string_view precision, int64_t chunk, at::Tensor t, at::Tensor lse,
+                     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& ref_labels,
+                     const std::optional<at::Tensor>& ref_logw) {
   TORCH_CHECK(x.dim() == 2 && ref.dim() == 2 && x.size(1) == ref.size(1),
               "stf_target: x must be (B, D) and ref (N, D)");
   TORCH_CHECK(ref.size(0) > 0, "stf_target: ref is empty");
@@ -32,6 +35,15 @@ void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
                   t.device() == x.device() && lse.device() == x.device(),
               "stf_target: all tensors must be on one CUDA device");
   TORCH_CHECK(t.is_contiguous() && lse.is_contiguous(), "stf_target: outputs must be contiguous");
+  TORCH_CHECK(labels.has_value() == ref_labels.has_value(), "stf_target: labels and ref_labels go together");
+  auto check_term = [&](const std::optional<at::Tensor>& v, const char* name, at::ScalarType dt, int64_t n) {
+    TORCH_CHECK(!v.has_value() || (v->dim() == 1 && v->size(0) == n && v->scalar_type() == dt &&
+                                   v->is_contiguous() && v->device() == x.device()),
+                "stf_target: ", name, " must be a contiguous (", n, ",) ", dt, " tensor on x's device");
+  };
+  check_term(labels, "labels", at::kLong, x.size(0));
+  check_term(ref_labels, "ref_labels", at::kLong, ref.size(0));
+  check_term(ref_logw, "ref_logw", at::kDouble, ref.size(0));
   const std::string prec(precision.data(), precision.size());
   int mode;
   if (prec == "highest" || prec == "tf32x3") mode = fastdiff_cuda::kTf32x3;
@@ -46,6 +58,8 @@ void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   if (D == 0) {  // every logit is 0; the kernels' grids would have a zero dimension and not launch
+    TORCH_CHECK(!labels.has_value() && !ref_logw.has_value(),
+                "stf_target: D = 0 with labels or ref_logw is answered by fastdiff.stf_target, not this kernel");
     lse.fill_(std::log(static_cast<double>(N)));
     return;
   }
@@ -65,7 +79,7 @@ void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   const auto f32 = x.options().dtype(at::kFloat);
   // one float64 buffer for the (B,), (N,) and (S, B) vectors
   at::Tensor vec64 = at::empty({5 * B + 2 * N + 1 + 4 * S * B}, f64);
-  at::Tensor vec32 = at::empty({N + B + S * B}, f32);
+  at::Tensor vec32 = at::empty({N + S * B}, f32);
   at::Tensor G = at::empty({S, B, Cs}, f32);
   at::Tensor E64 = exact ? at::empty({S, B, Cs}, f64) : at::Tensor();
   at::Tensor acc_a = at::empty({S, B, D}, f32), acc_b = at::empty({S, B, D}, f32);
@@ -101,8 +115,11 @@ void stf_target_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   a.l64 = p;
   float* q = vec32.data_ptr<float>();
   a.rn32 = q; q += N;
-  a.inv32 = q; q += B;
   a.scale = q;
+  a.labels = labels.has_value() ? reinterpret_cast<const long long*>(labels->data_ptr<int64_t>()) : nullptr;
+  a.ref_labels = ref_labels.has_value() ? reinterpret_cast<const long long*>(ref_labels->data_ptr<int64_t>())
+                                        : nullptr;
+  a.ref_logw = ref_logw.has_value() ? ref_logw->data_ptr<double>() : nullptr;
   a.G = G.data_ptr<float>();
   a.E64 = exact ? E64.data_ptr<double>() : nullptr;
   a.acc_a = acc_a.data_ptr<float>();
