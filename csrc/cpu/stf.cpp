@@ -16,8 +16,14 @@
 //       online log-sum-exp (float64 m_i, s_i); flagged p_ik accumulated into a
 //       float64 row accumulator, the others written to P (fp32)
 //     acc = acc * scale + P @ r_f32              (MKL sgemm, addmm_)
-//   rows with many flags (DENSE_SHARE, moderate sigma) take float64 GEMMs for
-//   their logits and their weighted sum instead of per-entry re-evaluation
+//   rows with many flags (DENSE_SHARE, moderate sigma) take float64-expansion
+//   logits (error bound gemm_gamma(D, 2^-53)) instead of per-entry re-evaluation:
+//   decided for the whole call by a 64-row probe of ref before the first GEMM
+//   (such rows skip the fp32 GEMM), or per chunk after it; their weighted sum
+//   stays in P where its fp32 error provably fits the budget (ws32_ok), else it
+//   is a float64 GEMM. This part is the cpu backend's own (the torch backend's
+//   dense rows pay the fp32 GEMM and a float64 weighted sum); the flag rule is
+//   the same.
 //   t_i = (acc64_i + acc_i) / s_i,  lse_i = m_i + log s_i
 //
 // With labels / ref_logw every logit gets b_ik = ref_logw_k, or -inf where
@@ -26,8 +32,8 @@
 // never flagged (l > reject fails). A row with no finite entry gets t = 0 and
 // lse = -inf.
 //
-// No B x N x D tensor; working memory is the B x C tiles plus one fp32 copy
-// of a chunk of ref when ref is not fp32.
+// No B x N x D tensor; working memory is the B x C tiles (fp32 and float64)
+// plus one fp32 copy of a chunk of ref when ref is not fp32.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
