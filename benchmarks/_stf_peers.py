@@ -10,7 +10,19 @@ Each peer is `fn(x, sigma, ref) -> t` with x (B, D), sigma (B,), ref (N, D):
   softmax, matmul): fast, but not exact at small sigma.
 - floor:     the two matrix products the op cannot avoid, x @ ref.T and
   w @ ref, and nothing else, at the precision being compared.
+- sdpa:      torch's scaled_dot_product_attention, what a PyTorch user would
+  write instead: softmax_k(x_i.r_k / sigma_i^2 - ||r_k||^2 / (2 sigma_i^2))
+  (the row constant ||x_i||^2 / (2 sigma_i^2) cancels in the softmax) with
+  q = x / sigma^2, k = v = ref and the second term as an additive mask; fp32,
+  not exact at small sigma. On CUDA, the memory-efficient kernel only.
+- keops:     KeOps (pykeops) LazyTensor sumsoftmaxweight over direct
+  differences, the library built for this reduction; optional (keops_status).
 - torch / cpu / triton / cuda: fastdiff.stf_target with that backend.
+
+Sigma regimes (`problem(..., regime=)`): "edm", EDM's training log-normal;
+"mid", log-uniform in [5, 50], where the weights spread over many rows while
+the fp32 GEMM's error still matters; "tiny", sigma = 0.002 on data with a
+near-duplicate of each source at distance ~sigma (the accuracy stress case).
 """
 from __future__ import annotations
 
@@ -49,6 +61,53 @@ def compiled(x, sigma, ref):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _compiled = torch.compile(plain, fullgraph=True, dynamic=False)
     return _compiled(x, sigma, ref)
+
+
+def sdpa(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    s2 = (sigma.to(x.dtype) ** 2)[:, None]
+    q = x / s2                                              # (B, D)
+    mask = (ref * ref).sum(1)[None, :] / (-2.0 * s2)        # (B, N): -||r_k||^2 / (2 sigma_i^2)
+    args = (q[None, None], ref[None, None], ref[None, None])
+    if x.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            out = F.scaled_dot_product_attention(*args, attn_mask=mask[None, None], scale=1.0)
+    else:
+        out = F.scaled_dot_product_attention(*args, attn_mask=mask[None, None], scale=1.0)
+    return out[0, 0]
+
+
+_keops_why: list = []
+
+
+def keops_status() -> str | None:
+    """None if the keops peer can run, else why not: pykeops must import and compile a tiny
+    reduction (it builds its kernels with the system compiler and pybind11 on first use)."""
+    if not _keops_why:
+        try:
+            import pykeops  # noqa: F401
+            from pykeops.torch import LazyTensor  # noqa: F401
+        except Exception as e:    # ImportError, or pykeops failing at import
+            _keops_why.append(f"pykeops unavailable ({type(e).__name__}: {e}); `pip install --no-deps pykeops "
+                              "keopscore pybind11` adds the KeOps peer (it compiles its kernel on first use)")
+        else:
+            try:
+                keops(torch.zeros(2, 3), torch.ones(2), torch.zeros(4, 3))
+                _keops_why.append(None)
+            except Exception as e:
+                first = str(e).strip().splitlines()[:1]
+                _keops_why.append(f"pykeops cannot compile its kernels here ({type(e).__name__}: "
+                                  f"{first[0] if first else ''}); it needs a C++ compiler and pybind11")
+    return _keops_why[0]
+
+
+def keops(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    from pykeops.torch import LazyTensor
+    xi = LazyTensor(x[:, None, :])
+    rj = LazyTensor(ref[None, :, :])
+    w = LazyTensor((0.5 / sigma.to(x.dtype) ** 2)[:, None, None])
+    logits = -((xi - rj) ** 2).sum(-1) * w                  # direct differences, never B x N x D in memory
+    return logits.sumsoftmaxweight(rj, axis=1)
 
 
 def make_floor(B: int, N: int, dtype=torch.float32, device="cpu", precision: str = "highest"):
@@ -137,24 +196,43 @@ def image_like(n: int, D: int = 3072, *, generator: torch.Generator | None = Non
     return out.reshape(n, D).to(device)
 
 
+REGIMES = ("edm", "mid", "tiny")
+
+
 def edm_sigma(B: int, *, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
     """EDM's training noise levels: ln sigma ~ N(-1.2, 1.2^2)."""
     return torch.exp(-1.2 + 1.2 * torch.randn(B, generator=generator)).to(device)
 
 
+def regime_sigma(regime: str, B: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) float32 noise levels of a sigma regime (REGIMES)."""
+    if regime == "edm":
+        return edm_sigma(B, generator=generator)
+    if regime == "mid":
+        return torch.exp(math.log(5.0) + math.log(10.0) * torch.rand(B, generator=generator))
+    if regime == "tiny":
+        return torch.full((B,), 0.002)
+    raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+
+
 _last_problem: dict = {}
 
 
-def problem(B: int, N: int, D: int = 3072, *, seed: int = 0, device="cpu"):
-    """(x, sigma, ref) with x = ref[:B] + sigma * noise, as in STF training. The last one
-    is kept (building N = 50000 images takes seconds, and a size's peers run in a row);
-    callers must not modify it."""
-    key = (B, N, D, seed, str(device))
+def problem(B: int, N: int, D: int = 3072, *, seed: int = 0, device="cpu", regime: str = "edm"):
+    """(x, sigma, ref) with x = ref[:B] + sigma * noise, as in STF training, sigma from
+    `regime` (REGIMES; "tiny" also moves ref[B:2B] to a near-duplicate of ref[:B] at
+    distance sigma). The last one is kept (building N = 50000 images takes seconds, and a
+    size's peers run in a row); callers must not modify it."""
+    key = (B, N, D, seed, str(device), regime)
     if key not in _last_problem:
         _last_problem.clear()
         g = torch.Generator().manual_seed(seed)
         ref = image_like(N, D, generator=g)
-        sigma = edm_sigma(B, generator=g)
+        sigma = regime_sigma(regime, B, generator=g)
+        if regime == "tiny":
+            n_dup = max(0, min(B, N - B))
+            step = torch.randn(n_dup, D, generator=g)
+            ref[B:B + n_dup] = ref[:n_dup] + step * (sigma[:n_dup, None] / step.norm(dim=1, keepdim=True))
         x = ref[:B] + sigma[:, None] * torch.randn(B, D, generator=g)
         _last_problem[key] = (x.to(device).contiguous(), sigma.to(device), ref.to(device).contiguous())
     return _last_problem[key]
@@ -198,6 +276,10 @@ def make_peer(name: str, B: int, N: int, device, precision: str = "highest") -> 
         return compiled
     if name == "floor":
         return make_floor(B, N, device=device, precision=precision)
+    if name == "sdpa":
+        return sdpa
+    if name == "keops":
+        return keops
     return backend_peer(name, precision)
 
 
@@ -224,7 +306,7 @@ def _status_kib(key: str) -> int:
         return int(re.search(key + r":\s+(\d+)", f.read()).group(1))
 
 
-def peak_extra_mib_cpu(peer: str, B: int, N: int, D: int, threads: int) -> float | None:
+def peak_extra_mib_cpu(peer: str, B: int, N: int, D: int, threads: int, regime: str = "edm") -> float | None:
     """Peak extra resident memory (MiB) of one call of `peer`, or None if it cannot be measured."""
     import os
     import subprocess
@@ -232,7 +314,7 @@ def peak_extra_mib_cpu(peer: str, B: int, N: int, D: int, threads: int) -> float
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, os.path.abspath(__file__), "--peak", peer, str(B), str(N), str(D), str(threads)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--peak", peer, str(B), str(N), str(D), str(threads), regime]
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True)
     except (subprocess.SubprocessError, OSError):
@@ -240,10 +322,10 @@ def peak_extra_mib_cpu(peer: str, B: int, N: int, D: int, threads: int) -> float
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _peak_main(peer: str, B: int, N: int, D: int, threads: int) -> None:
+def _peak_main(peer: str, B: int, N: int, D: int, threads: int, regime: str) -> None:
     import gc
     torch.set_num_threads(threads)
-    x, sigma, ref = problem(B, N, D)
+    x, sigma, ref = problem(B, N, D, regime=regime)
     fn = make_peer(peer, B, N, "cpu")
     fn(x, sigma, ref)
     gc.collect()
@@ -258,7 +340,7 @@ def _peak_main(peer: str, B: int, N: int, D: int, threads: int) -> None:
 
 if __name__ == "__main__":
     import sys
-    if len(sys.argv) == 7 and sys.argv[1] == "--peak":
-        _peak_main(sys.argv[2], *map(int, sys.argv[3:]))
+    if len(sys.argv) == 8 and sys.argv[1] == "--peak":
+        _peak_main(sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7])
     else:
-        raise SystemExit("usage: _stf_peers.py --peak PEER B N D THREADS")
+        raise SystemExit("usage: _stf_peers.py --peak PEER B N D THREADS REGIME")

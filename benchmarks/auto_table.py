@@ -32,6 +32,8 @@ def entries(paths: list[str]):
             backend = info.get("backend", info.get("peer"))
             if backend not in GPU_BACKENDS or info.get("peer") == "floor":
                 continue
+            if info.get("regime", "edm") != "edm":      # the table is chosen at EDM's training sigma
+                continue
             precision = info.get("precision", "highest")
             yield precision, (info["B"], info["N"], info["D"]), backend, b["stats"]["median"], info.get("max_err")
 

@@ -53,6 +53,16 @@ then flags every entry of the row). m_low is per split: a split sees only its
 own entries, so its m_low is lower and its flags a superset (exact, at worst
 slower).
 
+GPU follow-up (unmeasured): between sigma ~5 and ~50 most entries of a row are
+flagged (weights spread, fp32 bound above budget), and these kernels re-evaluate
+them one by one. The cpu backend (csrc/cpu/stf.cpp) instead predicts such rows up
+front from a 64-row probe of ref and computes their logits by the float64
+expansion (bound gemm_gamma(D, 2^-53)), skipping the fp32 logits GEMM, with their
+weighted sum kept in fp32 where that is provably within budget: ~1.7x the floor
+there instead of ~3.8x. The same should pay on Hopper, where float64 tensor-core
+GEMMs (DMMA) run at about fp32-SIMT speed: a dense-row float64 logits GEMM at
+roughly the cost of the 3xTF32 one. Not implemented or timed here.
+
 Precision modes (operands of both GEMMs; "ieee" everywhere in the interpreter,
 which ignores input_precision):
   "highest": tf32x3 on the GPU (3 tensor-core products, ~fp32 accuracy, the

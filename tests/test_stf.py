@@ -512,6 +512,86 @@ def test_dense_path_is_taken_at_moderate_sigma(monkeypatch):
     assert_contract(t, x, 10.0, ref)
 
 
+# Moderate sigma (5..50): the weights spread over whole clusters of near-duplicates while the
+# fp32 GEMM's error bound is still above budget, so most entries are flagged: the float64-GEMM
+# rows (the cpu backend decides them up front from a probe of ref, or per chunk) and the bound
+# both decide the result. "offset" data sits at +1000 (squared norms ~2e9): there the fp32
+# expansion's error really moves the weights (a loosened bound or a skipped re-evaluation
+# breaks the contract: test_moderate_sigma_cases_catch_mutations), and a dense row's fp32
+# weighted sum is not provably within budget (the float64 one is taken); "unit" data is in
+# [-1, 1], where it is.
+MODERATE_SIGMAS = [5.0, 12.0, 30.0, 50.0]
+
+
+def moderate_sigma_case(sigma: float, scale: str, *, B: int = 6, clusters: int = 6, per: int = 40,
+                        D: int = 2048, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(clusters, D, generator=g) * 2 - 1
+    # members spread so that x.(r_a - r_b) / sigma^2 is O(1): the weights cover the cluster
+    spread = 1.5 * sigma / math.sqrt(D)
+    ref = centers.repeat_interleave(per, 0) + spread * torch.randn(clusters * per, D, generator=g)
+    ref = torch.cat([ref, torch.rand(40, D, generator=g) * 2 - 1])
+    if scale == "offset":
+        ref = ref + 1000.0
+    src = ref[torch.arange(B) * per % ref.shape[0]]
+    s = torch.full((B,), sigma) * torch.linspace(0.8, 1.25, B)     # mixed sigma around the value
+    x = src + s[:, None] * torch.randn(B, D, generator=g)
+    return x, s, ref
+
+
+@pytest.mark.parametrize("scale", ["unit", "offset"])
+@pytest.mark.parametrize("sigma", MODERATE_SIGMAS)
+def test_moderate_sigma_clusters(backend, sigma, scale):
+    x, s, ref = moderate_sigma_case(sigma, scale)
+    t, lse = run(backend, x, s, ref)
+    assert_contract(t, x, s, ref)
+    assert_lse(lse, x, s, ref)
+
+
+@pytest.mark.parametrize("sigma", [5.0, 30.0])
+def test_moderate_sigma_clusters_chunked(backend, sigma, monkeypatch):
+    """The same with several chunks: the dense rows' state (float64 accumulator, running max)
+    carried across chunks, and sources late in ref."""
+    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * 6 * 70)          # 70 rows per chunk
+    x, s, ref = moderate_sigma_case(sigma, "offset", D=1024)
+    ref = ref.flip(0).contiguous()
+    t, lse = run(backend, x, s, ref)
+    assert_contract(t, x, s, ref)
+    assert_lse(lse, x, s, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_moderate_sigma_ragged(backend, dtype):
+    """Sizes that fill no tile evenly (the cpu backend's float64 kernel: rows of x by 4, of ref
+    by 3 and 6, D by 4 and 256), and the data dtypes (float64 ref: MKL's dgemm on ref itself)."""
+    x, s, ref = moderate_sigma_case(12.0, "unit", B=7, clusters=5, per=37, D=1001)
+    x, ref = x.to(dtype), ref.to(dtype)
+    t, lse = run(backend, x, s, ref)
+    x64, r64 = x.double(), ref.double()
+    assert_contract(t, x64, s, r64)
+    assert_lse(lse, x64, s, r64)
+
+
+@pytest.mark.parametrize("mutant", ["loosened bound", "skipped re-evaluation"])
+def test_moderate_sigma_cases_catch_mutations(mutant, monkeypatch):
+    """The moderate-sigma cases can fail: with the bound 1000x too small, or with no entry
+    re-evaluated, the torch backend (the rule's reference implementation; the C++ kernels
+    mirror it) breaks the contract on them. (The cpu backend's own constants were mutated by
+    hand the same way; see the README.)"""
+    if mutant == "loosened bound":
+        real = stf.gemm_gamma
+        monkeypatch.setattr(stf, "gemm_gamma", lambda D, unit=2.0 ** -24: real(D, unit) * 1e-3)
+    else:
+        real_flags = stf.flag_entries
+        monkeypatch.setattr(stf, "flag_entries", lambda *a, **k: torch.zeros_like(real_flags(*a, **k)))
+    worst = 0.0
+    for sigma in MODERATE_SIGMAS:
+        x, s, ref = moderate_sigma_case(sigma, "offset")
+        t = fastdiff.stf_target(x, s, ref, backend="torch")
+        worst = max(worst, float(row_err(t, oracle(x, s, ref)[0], s).max()))
+    assert worst > CONTRACT, f"{mutant}: max err {worst:.3g} still within the contract"
+
+
 # ----------------------------------------------------------------------------
 # reference sets: labels / ref_labels and ref_logw (issue 13, item 1)
 # ----------------------------------------------------------------------------

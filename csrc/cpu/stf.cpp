@@ -16,8 +16,14 @@
 //       online log-sum-exp (float64 m_i, s_i); flagged p_ik accumulated into a
 //       float64 row accumulator, the others written to P (fp32)
 //     acc = acc * scale + P @ r_f32              (MKL sgemm, addmm_)
-//   rows with many flags (DENSE_SHARE, moderate sigma) take float64 GEMMs for
-//   their logits and their weighted sum instead of per-entry re-evaluation
+//   rows with many flags (DENSE_SHARE, moderate sigma) take float64-expansion
+//   logits (error bound gemm_gamma(D, 2^-53)) instead of per-entry re-evaluation:
+//   decided for the whole call by a 64-row probe of ref before the first GEMM
+//   (such rows skip the fp32 GEMM), or per chunk after it; their weighted sum
+//   stays in P where its fp32 error provably fits the budget (ws32_ok), else it
+//   is a float64 GEMM. This part is the cpu backend's own (the torch backend's
+//   dense rows pay the fp32 GEMM and a float64 weighted sum); the flag rule is
+//   the same.
 //   t_i = (acc64_i + acc_i) / s_i,  lse_i = m_i + log s_i
 //
 // With labels / ref_logw every logit gets b_ik = ref_logw_k, or -inf where
@@ -26,14 +32,15 @@
 // never flagged (l > reject fails). A row with no finite entry gets t = 0 and
 // lse = -inf.
 //
-// No B x N x D tensor; working memory is the B x C tiles plus one fp32 copy
-// of a chunk of ref when ref is not fp32.
+// No B x N x D tensor; working memory is the B x C tiles (fp32 and float64)
+// plus one fp32 copy of a chunk of ref when ref is not fp32.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -129,6 +136,82 @@ inline double sumsq<float>(const float* r, int64_t D) {
   for (; d < D; ++d) a0 += static_cast<double>(r[d]) * static_cast<double>(r[d]);
   return (a0 + a1) + (a2 + a3);
 }
+// The dense rows' float64 logits GEMM, G = XD R^T, with XD (nd, D) float64 and R (s, D) the
+// float32 chunk of ref, widened to float64 (exactly) a block at a time in a buffer that
+// stays in L1: a float64 copy of the chunk costs ~0.4 of an fp32 GEMM, and MKL's dgemm on
+// thin converted tiles runs ~25% slower than on the whole chunk. Per thread, groups of 6
+// rows of R; D in blocks of 256 (the group's block, 12 KiB, and a 4-row tile of XD, 8 KiB,
+// stay in L1); register tiles of 4 rows of XD by 3 of R (12 accumulators). Summation: 4
+// lanes per block, blocks added in order: within gemm_gamma(D, 2^-53)'s model like any
+// blocked GEMM.
+constexpr int64_t kDotGroup = 6, kDotBlock = 256;
+
+template <int JB, int KB>
+__attribute__((target("avx2,fma"))) inline void dot64_tile(const double* XD, int64_t D, const double* Rb,
+                                                           int64_t n, double* out, int64_t ldo) {
+  __m256d acc[JB][KB];
+  for (int j = 0; j < JB; ++j)
+    for (int k = 0; k < KB; ++k) acc[j][k] = _mm256_setzero_pd();
+  int64_t d = 0;
+  for (; d + 4 <= n; d += 4) {
+    __m256d r[KB];
+    for (int k = 0; k < KB; ++k) r[k] = _mm256_loadu_pd(Rb + k * kDotBlock + d);
+    for (int j = 0; j < JB; ++j) {
+      const __m256d xv = _mm256_loadu_pd(XD + j * D + d);
+      for (int k = 0; k < KB; ++k) acc[j][k] = _mm256_fmadd_pd(xv, r[k], acc[j][k]);
+    }
+  }
+  for (int j = 0; j < JB; ++j)
+    for (int k = 0; k < KB; ++k) {
+      alignas(32) double lanes[4];
+      _mm256_store_pd(lanes, acc[j][k]);
+      double s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+      for (int64_t e = d; e < n; ++e) s += XD[j * D + e] * Rb[k * kDotBlock + e];
+      out[j * ldo + k] += s;
+    }
+}
+
+template <int KB>
+inline void dot64_row_tiles(const double* XD, int64_t nd, int64_t D, const double* Rb, int64_t n, double* out,
+                            int64_t ldo) {
+  int64_t j = 0;
+  for (; j + 4 <= nd; j += 4) dot64_tile<4, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo);
+  switch (nd - j) {
+    case 3: dot64_tile<3, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
+    case 2: dot64_tile<2, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
+    case 1: dot64_tile<1, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
+    default: break;
+  }
+}
+
+// out (nd, s), row-major, overwritten; rn (s) null, or set to ||R_k||^2 (float64, from the
+// widened blocks: every element of R is widened exactly once).
+void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int64_t D, double* out,
+                    double* rn) {
+  at::parallel_for(0, (s + kDotGroup - 1) / kDotGroup, 1, [&](int64_t g0, int64_t g1) {
+    alignas(32) double rb[kDotGroup * kDotBlock];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t k0 = g * kDotGroup, k1 = std::min(s, k0 + kDotGroup);
+      for (int64_t j = 0; j < nd; ++j) std::fill(out + j * s + k0, out + j * s + k1, 0.0);
+      if (rn) std::fill(rn + k0, rn + k1, 0.0);
+      for (int64_t d0 = 0; d0 < D; d0 += kDotBlock) {
+        const int64_t n = std::min(D - d0, kDotBlock);
+        for (int64_t k = k0; k < k1; ++k) {
+          double* row = rb + (k - k0) * kDotBlock;
+          for (int64_t e = 0; e < n; ++e) row[e] = static_cast<double>(R[k * D + d0 + e]);
+          if (rn) rn[k] += sumsq(row, n);
+        }
+        int64_t k = k0;
+        for (; k + 3 <= k1; k += 3) dot64_row_tiles<3>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
+        if (k1 - k == 2) dot64_row_tiles<2>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
+        if (k1 - k == 1) dot64_row_tiles<1>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
+      }
+    }
+  });
+}
+#else
+const bool kHaveAvx2 = false;
+void dot64_f32_avx2(const double*, int64_t, const float*, int64_t, int64_t, double*, double*) {}
 #endif
 
 template <typename R>
@@ -217,21 +300,42 @@ inline double log_expm1(double e) {
   return std::log(std::max(std::expm1(e), 1e-300));
 }
 
+// Rules A and B of flag_entries (fastdiff/ops/stf.py) for one entry: logit lk, error bound ek,
+// the row's lower bound on its max mlow, log_budget = log(budget / lever) - log N (per row).
+inline bool flag_rule(double lk, double ek, double mlow, double log_budget, double log_n) {
+  const double lem1 = log_expm1(ek);
+  return lem1 > log_budget + log_n && lk + ek - mlow + lem1 > log_budget;  // A and B both fail
+}
+
+// Rows of ref per float64 sub-chunk of the dense rows' GEMMs: a converted tile of ~2 MiB
+// stays in cache between its conversion and its GEMM (and bounds the memory).
+inline int64_t dense_tile_rows(int64_t D, int64_t c) {
+  return std::min<int64_t>(c, std::max<int64_t>(16, (int64_t{1} << 21) / (8 * D)));
+}
+
+// How the rows are split. A row is "dense" in a chunk when its logits come from the float64
+// expansion (error bound gamma64, ~2^-29 of the fp32 one): decided up front for the whole call
+// by a probe (below), or in the chunk after the fp32 GEMM flagged more than DENSE_SHARE of it.
+// Up-front dense rows skip the fp32 GEMM altogether. A dense row's weighted sum is an fp32
+// GEMM with the other rows' (one P @ ref) wherever its error provably fits the budget at the
+// row's sigma (ws32_ok), else a float64 GEMM.
+//
 // Exact re-evaluation reads ref rows from the original data when ref is
 // float64, else from the fp32 chunk (exact for fp32/bf16/fp16 data).
 void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, int64_t chunk,
                      const Terms& tm, at::Tensor& t, at::Tensor& lse) {
   const int64_t B = x.size(0), D = x.size(1), N = ref.size(0);
   const auto f32 = x.options().dtype(at::kFloat);
+  const auto f64 = x.options().dtype(at::kDouble);
   const bool ref_is_f32 = ref.scalar_type() == at::kFloat;
   const bool ref_is_f64 = ref.scalar_type() == at::kDouble;
+  const double log_n = std::log((double)N), sqrt_d = std::sqrt((double)D);
 
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   const float* SIG = sigma.data_ptr<float>();
 
-  // One parallel pass over the data: ||r_k||^2 in float64 from ref as given,
-  // and x in float64 (for the exact re-evaluation) with ||x_i||^2; then the
-  // per-row constants.
+  // x in float64 (for the exact re-evaluation and the float64 GEMMs) with ||x_i||^2, then
+  // ||r_k||^2 in float64 from ref as given (the norms pass), then the per-row constants.
   std::vector<double> rn(N), rnorm(N), xnsq(B);
   std::vector<float> rnf(N);
   // Uninitialized buffers (make_unique_for_overwrite): every element is written before it is read.
@@ -240,31 +344,42 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   const double* X64 = x_is_f64 ? x.data_ptr<double>() : x64buf.get();
   double rnorm_max = 0.0, lever = 0.0, rn_max = 0.0;
   std::vector<double> inv2s2(B), offset(B), xnorm(B), log_budget(B);
+  std::vector<char> ws32_ok(B, 0);
   const double gamma = gemm_gamma(D);
-  const double gamma64 = std::ldexp(1.0, -53) * (8.0 + 2.0 * std::sqrt((double)D));  // gemm_gamma(D, 2^-53)
-  auto norms_pass = [&] {
+  const double gamma64 = std::ldexp(1.0, -53) * (8.0 + 2.0 * sqrt_d);  // gemm_gamma(D, 2^-53)
+  const int64_t C = std::min(chunk, N);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stf_target_xnorm", [&] {
+    const scalar_t* XS = x.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 4, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (!x_is_f64)
+          for (int64_t d = 0; d < D; ++d) x64buf[i * D + d] = static_cast<double>(XS[i * D + d]);
+        xnsq[i] = sumsq(X64 + i * D, D);
+      }
+    });
+  });
+  for (int64_t i = 0; i < B; ++i) {
+    const double s = static_cast<double>(SIG[i]);
+    inv2s2[i] = 0.5 / (s * s);
+    offset[i] = xnsq[i] * inv2s2[i];
+    xnorm[i] = std::sqrt(xnsq[i]);
+  }
+  auto set_rnorm = [&](int64_t k, double acc) {
+    rn[k] = acc;
+    rnorm[k] = std::sqrt(acc);
+    rnf[k] = static_cast<float>(acc);
+  };
+  auto ref_norms_pass = [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "stf_target_rnorm", [&] {
-      using ref_t = scalar_t;
-      const ref_t* R = ref.data_ptr<ref_t>();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stf_target_xnorm", [&] {
-        const scalar_t* XS = x.data_ptr<scalar_t>();
-        at::parallel_for(0, N + B, 16, [&](int64_t k0, int64_t k1) {
-          for (int64_t k = k0; k < k1; ++k) {
-            if (k < N) {
-              const double acc = sumsq(R + k * D, D);
-              rn[k] = acc;
-              rnorm[k] = std::sqrt(acc);
-              rnf[k] = static_cast<float>(acc);
-            } else {
-              const int64_t i = k - N;
-              if (!x_is_f64)
-                for (int64_t d = 0; d < D; ++d) x64buf[i * D + d] = static_cast<double>(XS[i * D + d]);
-              xnsq[i] = sumsq(X64 + i * D, D);
-            }
-          }
-        });
+      const scalar_t* R = ref.data_ptr<scalar_t>();
+      at::parallel_for(0, N, 16, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) set_rnorm(k, sumsq(R + k * D, D));
       });
     });
+  };
+  // After every ||r_k||^2 is known: the data checks and the constants that need max ||r||.
+  auto finish_norms = [&] {
     // NaN/Inf in the data shows in its float64 norms; the Python side leaves
     // this check to the kernel (fastdiff/ops/stf.py, _CHECKS_DATA). A norm can
     // also overflow for finite float64 data beyond 1e154: check the elements.
@@ -273,21 +388,93 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     for (int64_t k = 0; k < N; ++k) rnorm_max = std::max(rnorm_max, rnorm[k]);
     lever = std::max(2.0 * rnorm_max, 1e-30);  // ||r_k - t_i|| <= 2 max ||r||
     rn_max = rnorm_max * rnorm_max;
-
-    // Per-row constants, float64.
+    // The fp32 weighted sum acc_i = sum_k p_ik r_k (p_ik <= 1, rounded to fp32), one GEMM per
+    // chunk, rescaled in fp32 between chunks: by the GEMM bound's model, componentwise,
+    // |err_d| <= (gemm_gamma(C) + (3 chunks + 2) u) sum_k p_ik |r_kd|, so ||err|| / s_i <=
+    // that factor times max ||r||. ws32_ok: within ERROR_BUDGET sigma_i sqrt(D) (with the
+    // logits' ~4 ERROR_BUDGET, inside the 1e-4 contract), so a dense row may keep it.
+    const double u = std::ldexp(1.0, -24);
+    const double ws_factor = gemm_gamma(C) + (3.0 * (double)((N + C - 1) / C) + 2.0) * u;
     for (int64_t i = 0; i < B; ++i) {
       const double s = static_cast<double>(SIG[i]);
-      const double xn = xnsq[i];
-      inv2s2[i] = 0.5 / (s * s);
-      offset[i] = xn * inv2s2[i];
-      xnorm[i] = std::sqrt(xn);
-      log_budget[i] = std::log(kErrorBudget) + std::log(s * std::sqrt((double)D)) - std::log(lever) -
-                      std::log((double)N);
+      log_budget[i] = std::log(kErrorBudget) + std::log(s * sqrt_d) - std::log(lever) - log_n;
+      ws32_ok[i] = ws_factor * rnorm_max <= kErrorBudget * s * sqrt_d;
     }
-
     check_finite_rows(x, xnsq, "x");
     check_sqnorms(xnsq, "x");
   };
+
+  // The probe: fp32 GEMM logits against up to kProbe evenly spaced rows of ref, flagged by
+  // the rule with the probe's own norms and lower bound on the max. A row whose probe has
+  // more than DENSE_SHARE flagged (moderate sigma: weights spread, fp32 bound above budget)
+  // is dense for the whole call. Only a prediction: a wrong one costs time, not accuracy
+  // (every row's logits carry their bound and are flagged as usual).
+  constexpr int64_t kProbe = 64;
+  std::vector<char> up_dense(B, 0);
+  {
+    const int64_t np = std::min(N, kProbe);
+    at::Tensor probe = at::empty({np, D}, f32);
+    float* PR = probe.data_ptr<float>();
+    std::vector<int64_t> pk(np);
+    std::vector<double> pn(np), pnorm(np);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "stf_target_probe", [&] {
+      const scalar_t* R = ref.data_ptr<scalar_t>();
+      for (int64_t p = 0; p < np; ++p) {
+        pk[p] = p * N / np;
+        for (int64_t d = 0; d < D; ++d) PR[p * D + d] = static_cast<float>(R[pk[p] * D + d]);
+        pn[p] = sumsq(PR + p * D, D);
+        pnorm[p] = std::sqrt(pn[p]);
+      }
+    });
+    const double p_lever = std::max(2.0 * *std::max_element(pnorm.begin(), pnorm.end()), 1e-30);
+    const at::Tensor GP = at::mm(xf, probe.t());
+    const float* G = GP.data_ptr<float>();
+    const int64_t need = static_cast<int64_t>(kDenseShare * static_cast<double>(np));
+    at::parallel_for(0, B, 4, [&](int64_t i0, int64_t i1) {
+      std::vector<double> l(np), e(np);
+      for (int64_t i = i0; i < i1; ++i) {
+        const double w = inv2s2[i], two_xn = 2.0 * xnorm[i];
+        double low = kNegInf;
+        for (int64_t p = 0; p < np; ++p) {
+          l[p] = static_cast<double>(2.0f * G[i * np + p] - static_cast<float>(pn[p])) * w - offset[i] +
+                 (tm.any() ? tm.bias(i, pk[p]) : 0.0);
+          e[p] = gamma * (pn[p] + two_xn * pnorm[p]) * w;
+          low = std::max(low, l[p] - e[p]);
+        }
+        const double lb = std::log(kErrorBudget) + std::log(static_cast<double>(SIG[i]) * sqrt_d) -
+                          std::log(p_lever) - log_n;
+        int64_t count = 0;
+        for (int64_t p = 0; p < np; ++p)
+          if (l[p] != kNegInf && flag_rule(l[p], e[p], low, lb, log_n)) ++count;
+        up_dense[i] = count > need && count > 1;
+      }
+    });
+  }
+  // The fp32 GEMM streams all of ref whatever its rows (on this CPU 6 of 32 rows cost ~2/3
+  // of all 32), the float64 kernel costs per row: where at most a fifth of the rows would
+  // remain, they are dense too.
+  {
+    const int64_t nu = std::count(up_dense.begin(), up_dense.end(), 1);
+    if (nu > 0 && 5 * (B - nu) <= B) std::fill(up_dense.begin(), up_dense.end(), 1);
+  }
+  std::vector<int64_t> frows, urows;                 // fp32-GEMM rows, up-front dense rows
+  std::vector<int64_t> fpos(B, -1);                  // row i's row in the fp32 GEMM, or -1
+  for (int64_t i = 0; i < B; ++i) {
+    if (up_dense[i]) {
+      urows.push_back(i);
+    } else {
+      fpos[i] = static_cast<int64_t>(frows.size());
+      frows.push_back(i);
+    }
+  }
+  const int64_t nf = static_cast<int64_t>(frows.size());
+  at::Tensor xfr = xf;                               // the fp32 GEMM's rows of x
+  if (nf < B && nf > 0) {
+    xfr = at::empty({nf, D}, f32);
+    const float* XF = xf.data_ptr<float>();
+    float* XR = xfr.data_ptr<float>();
+    for (int64_t j = 0; j < nf; ++j) std::copy(XF + frows[j] * D, XF + (frows[j] + 1) * D, XR + j * D);
+  }
 
   // Running state.
   std::vector<double> m(B, kNegInf), m_low(B, kNegInf), ssum(B, 0.0);
@@ -297,19 +484,23 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   std::vector<char> any64(B, 0);
 
   // Per-chunk buffers, allocated once and viewed as contiguous (B, c) / (c, D).
-  const int64_t C = std::min(chunk, N);
-  at::Tensor G_buf = at::empty({B * C}, f32);
+  at::Tensor G_buf = at::empty({std::max<int64_t>(nf, 1) * C}, f32);
   at::Tensor P_buf = at::empty({B * C}, f32);
   at::Tensor rc_buf = ref_is_f32 ? at::Tensor() : at::empty({C * D}, f32);
+  const int64_t S = dense_tile_rows(D, C);
+  at::Tensor r64_buf;  // S rows of ref in float64, allocated on first use
+  at::Tensor tile_buf, g64_buf;
   std::vector<double> L((size_t)(B * C));
-  std::vector<int64_t> dense_pos(B, -1);  // row i's index among the chunk's dense rows, or -1
-  const auto f64 = x.options().dtype(at::kDouble);
+  std::vector<char> dense(B, 0);           // row i's logits come from the float64 expansion in this chunk
+  std::vector<int64_t> p64_pos(B, -1);     // row i's row in P64 (float64 weighted sum), or -1
   float* ACC = acc.data_ptr<float>();
-  // With one chunk, the norms pass follows the first GEMM, which has just
-  // streamed ref through the cache; with several, the bounds need max ||r||
-  // before the first chunk.
-  const bool norms_after_first_gemm = C >= N;
-  if (!norms_after_first_gemm) norms_pass();
+  // With one chunk, the norms pass follows the first GEMM, which has just streamed ref
+  // through the cache; with several, the bounds need max ||r|| before the first chunk.
+  const bool norms_in_first_chunk = C >= N;
+  if (!norms_in_first_chunk) {
+    ref_norms_pass();
+    finish_norms();
+  }
 
   for (int64_t k0 = 0; k0 < N; k0 += C) {
     const int64_t c = std::min(C, N - k0);
@@ -321,18 +512,89 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
       rcf = rc_buf.narrow(0, 0, c * D).view({c, D});
       rcf.copy_(rc);
     }
-    at::Tensor G = G_buf.narrow(0, 0, B * c).view({B, c});
     at::Tensor P = P_buf.narrow(0, 0, B * c).view({B, c});
-    at::mm_out(G, xf, rcf.t());
-    if (k0 == 0 && norms_after_first_gemm) norms_pass();
-    const float* GP = G.data_ptr<float>();
+    const float* GP = nullptr;
+    if (nf > 0) {
+      at::Tensor G = G_buf.narrow(0, 0, nf * c).view({nf, c});
+      at::mm_out(G, xfr, rcf.t());
+      GP = G.data_ptr<float>();
+    }
     float* PP = P.data_ptr<float>();
     const float* RCF = rcf.data_ptr<float>();
     const double* RC64 = ref_is_f64 ? ref.data_ptr<double>() + k0 * D : nullptr;
-
     const double* rn_c = rn.data() + k0;
     const double* rnorm_c = rnorm.data() + k0;
     const float* rnf_c = rnf.data() + k0;
+
+    // The chunk's ref rows s0..s0+s-1 in float64: a view of ref, or converted into r64_buf.
+    auto ref64_tile = [&](int64_t s0, int64_t s) -> at::Tensor {
+      if (ref_is_f64) return rc.narrow(0, s0, s);
+      if (!r64_buf.defined()) r64_buf = at::empty({S * D}, f64);
+      double* R64 = r64_buf.data_ptr<double>();
+      at::parallel_for(0, s, 4, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const float* src = RCF + (s0 + j) * D;
+          double* dst = R64 + j * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<double>(src[d]);
+        }
+      });
+      return r64_buf.narrow(0, 0, s * D).view({s, D});
+    };
+    // Float64-expansion logits of `rows` (and their lower bound on the max): the AVX2 kernel
+    // on the fp32 chunk, else MKL's dgemm on ref (float64 data) or on converted tiles of S rows.
+    // with_norms (the AVX2 kernel only): the norms pass too, fused into its widening of ref.
+    auto dense_logits = [&](const std::vector<int64_t>& rows, bool with_norms) {
+      const int64_t nd = static_cast<int64_t>(rows.size());
+      if (nd == 0) return;
+      at::Tensor xd = at::empty({nd, D}, f64);
+      double* XD = xd.data_ptr<double>();
+      for (int64_t j = 0; j < nd; ++j) std::copy(X64 + rows[j] * D, X64 + (rows[j] + 1) * D, XD + j * D);
+      if (!g64_buf.defined() || g64_buf.numel() < nd * c) g64_buf = at::empty({B * C}, f64);
+      at::Tensor G64 = g64_buf.narrow(0, 0, nd * c).view({nd, c});
+      if (kHaveAvx2 && !ref_is_f64) {
+        std::vector<double> rn_k(with_norms ? c : 0);
+        dot64_f32_avx2(XD, nd, RCF, c, D, G64.data_ptr<double>(), with_norms ? rn_k.data() : nullptr);
+        for (int64_t k = 0; k < (with_norms ? c : 0); ++k) set_rnorm(k0 + k, rn_k[k]);
+      } else if (ref_is_f64) {
+        at::mm_out(G64, xd, rc.t());
+      } else {
+        for (int64_t s0 = 0; s0 < c; s0 += S) {
+          const int64_t s = std::min(S, c - s0);
+          at::Tensor T = tile_buf.defined() ? tile_buf : (tile_buf = at::empty({B * S}, f64));
+          at::Tensor Ts = T.narrow(0, 0, nd * s).view({nd, s});
+          at::mm_out(Ts, xd, ref64_tile(s0, s).t());
+          G64.narrow(1, s0, s).copy_(Ts);
+        }
+      }
+      const double* g64 = G64.data_ptr<double>();
+      at::parallel_for(0, nd, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i = rows[j];
+          double* l = L.data() + i * c;
+          const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
+          double low = kNegInf;
+          for (int64_t k = 0; k < c; ++k) {
+            const double lk = (2.0 * g64[j * c + k] - rn_c[k]) * w - off + (tm.any() ? tm.bias(i, k0 + k) : 0.0);
+            l[k] = lk;
+            low = std::max(low, lk - gamma64 * (rn_c[k] + two_xn * rnorm_c[k]) * w);
+          }
+          m_low[i] = std::max(m_low[i], low);
+          dense[i] = 1;
+        }
+      });
+    };
+
+    std::fill(dense.begin(), dense.end(), 0);
+    // Every row dense: the float64 kernel widens all of the (single) chunk, and its norms come with it.
+    const bool norms_from_kernel = k0 == 0 && norms_in_first_chunk && nf == 0 && kHaveAvx2 && !ref_is_f64;
+    if (norms_from_kernel) {
+      dense_logits(urows, true);
+      finish_norms();
+    } else if (k0 == 0 && norms_in_first_chunk) {
+      ref_norms_pass();
+      finish_norms();
+    }
+
     // Rule A (fastdiff/ops/stf.py, flag_entries): an error bound with
     // log(expm1(e)) <= budget_a is negligible at any weight; if the row's
     // largest e passes it, no entry of the row is flagged. Otherwise the slack
@@ -341,23 +603,21 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     auto reject_threshold = [&](int64_t i, double g, double mlow) {
       const double e_max = g * (rn_max + 2.0 * xnorm[i] * rnorm_max) * inv2s2[i];
       const double lem1_max = log_expm1(e_max);
-      return lem1_max <= log_budget[i] + std::log((double)N) ? std::numeric_limits<double>::infinity()
-                                                              : log_budget[i] + mlow - e_max - lem1_max;
+      return lem1_max <= log_budget[i] + log_n ? std::numeric_limits<double>::infinity()
+                                               : log_budget[i] + mlow - e_max - lem1_max;
     };
     auto flagged_entry = [&](int64_t i, int64_t k, double g, double lk, double mlow) {
-      const double ek = g * (rn_c[k] + 2.0 * xnorm[i] * rnorm_c[k]) * inv2s2[i];
-      const double lem1 = log_expm1(ek);
-      return lem1 > log_budget[i] + std::log((double)N) && lk + ek - mlow + lem1 > log_budget[i];  // A and B
+      return flag_rule(lk, g * (rn_c[k] + 2.0 * xnorm[i] * rnorm_c[k]) * inv2s2[i], mlow, log_budget[i], log_n);
     };
 
-    // Stage A: GEMM logits, the chunk's lower bound on the max, and how many
-    // entries the fp32 bound flags; rows with many (DENSE_SHARE in stf.py)
-    // take float64 GEMMs instead of one direct difference per entry.
+    // Stage A (the fp32-GEMM rows): GEMM logits, the chunk's lower bound on the max, and how
+    // many entries the fp32 bound flags; rows with many (DENSE_SHARE in stf.py) are dense in
+    // this chunk: float64 GEMMs instead of one direct difference per entry.
     const int64_t dense_min = std::max<int64_t>(1, static_cast<int64_t>(kDenseShare * static_cast<double>(c)));
     // The GEMM logits of row i, b_ik added (kBias), and their lower bound on the max.
     auto gemm_logits = [&](int64_t i, auto has_bias) {
       constexpr bool kBias = decltype(has_bias)::value;
-      const float* g = GP + i * c;
+      const float* g = GP + fpos[i] * c;
       double* l = L.data() + i * c;
       const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
       double low = kNegInf;
@@ -371,8 +631,10 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
       }
       return low;
     };
-    at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
+    std::vector<char> many(B, 0);
+    at::parallel_for(0, nf, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t i = frows[j];
         double* l = L.data() + i * c;
         const double low = tm.any() ? gemm_logits(i, std::true_type{}) : gemm_logits(i, std::false_type{});
         const double mlow = std::max(m_low[i], low);
@@ -382,43 +644,26 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         if (reject != std::numeric_limits<double>::infinity())
           for (int64_t k = 0; k < c; ++k)
             if (l[k] > reject && flagged_entry(i, k, gamma, l[k], mlow)) ++count;
-        dense_pos[i] = count > dense_min ? 0 : -1;
+        many[i] = count > dense_min;
       }
     });
-    std::vector<int64_t> drows;
+    std::vector<int64_t> drows;  // the chunk's dense rows still without float64 logits
     for (int64_t i = 0; i < B; ++i)
-      if (dense_pos[i] >= 0) {
-        dense_pos[i] = static_cast<int64_t>(drows.size());
-        drows.push_back(i);
+      if (many[i] || (up_dense[i] && !norms_from_kernel)) drows.push_back(i);
+    dense_logits(drows, false);
+
+    // Dense rows whose fp32 weighted sum is not provably within budget: a float64 GEMM.
+    std::vector<int64_t> rows64;
+    for (int64_t i = 0; i < B; ++i) {
+      p64_pos[i] = -1;
+      if (dense[i] && !ws32_ok[i]) {
+        p64_pos[i] = static_cast<int64_t>(rows64.size());
+        rows64.push_back(i);
       }
-    const int64_t nd = static_cast<int64_t>(drows.size());
-    at::Tensor rc64, P64;
-    double* P64P = nullptr;
-    if (nd > 0) {
-      // float64 expansion for the dense rows: its bound (gamma64) is ~1e-9 of the fp32 one.
-      rc64 = ref_is_f64 ? rc : rcf.to(at::kDouble);
-      at::Tensor xd = at::empty({nd, D}, f64);
-      double* XD = xd.data_ptr<double>();
-      for (int64_t j = 0; j < nd; ++j) std::copy(X64 + drows[j] * D, X64 + (drows[j] + 1) * D, XD + j * D);
-      const at::Tensor G64 = at::mm(xd, rc64.t());
-      const double* g64 = G64.data_ptr<double>();
-      P64 = at::empty({nd, c}, f64);
-      P64P = P64.data_ptr<double>();
-      at::parallel_for(0, nd, 1, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t i = drows[j];
-          double* l = L.data() + i * c;
-          const double w = inv2s2[i], off = offset[i], two_xn = 2.0 * xnorm[i];
-          double low = kNegInf;
-          for (int64_t k = 0; k < c; ++k) {
-            const double lk = (2.0 * g64[j * c + k] - rn_c[k]) * w - off + (tm.any() ? tm.bias(i, k0 + k) : 0.0);
-            l[k] = lk;
-            low = std::max(low, lk - gamma64 * (rn_c[k] + two_xn * rnorm_c[k]) * w);
-          }
-          m_low[i] = std::max(m_low[i], low);
-        }
-      });
     }
+    const int64_t n64 = static_cast<int64_t>(rows64.size());
+    at::Tensor P64 = n64 > 0 ? at::empty({n64, c}, f64) : at::Tensor();
+    double* P64P = n64 > 0 ? P64.data_ptr<double>() : nullptr;
 
     // Stage B: exact re-evaluation of the entries still flagged, online log-sum-exp.
     at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
@@ -427,8 +672,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         double* l = L.data() + i * c;
         float* p = PP + i * c;
         const double w = inv2s2[i];
-        const int64_t dj = dense_pos[i];
-        const double g = dj >= 0 ? gamma64 : gamma;
+        const double g = dense[i] ? gamma64 : gamma;
         const double mlow = m_low[i];
         const double reject = reject_threshold(i, g, mlow);
         flagged.clear();
@@ -446,7 +690,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         }
 
         const double m_new = std::max(m[i], mx);
-        double* p64 = dj >= 0 ? P64P + dj * c : nullptr;
+        double* p64 = p64_pos[i] >= 0 ? P64P + p64_pos[i] * c : nullptr;
         if (m_new == kNegInf) {  // no finite logit yet (labels / ref_logw): every weight is 0
           std::fill(p, p + c, 0.0f);
           if (p64) std::fill(p64, p64 + c, 0.0);
@@ -460,7 +704,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
           const double pk = z < -746.0 ? 0.0 : std::exp(z);
           srow += pk;
           if (p64) {
-            p64[k] = pk;   // dense row: its weighted sum is a float64 GEMM below
+            p64[k] = pk;   // its weighted sum is a float64 GEMM below
             p[k] = 0.0f;
           } else {
             p[k] = static_cast<float>(pk);
@@ -489,12 +733,16 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         m[i] = m_new;
       }
     });
-    if (nd > 0) {
-      const at::Tensor A64 = at::mm(P64, rc64);
+    if (n64 > 0) {
+      at::Tensor A64 = at::zeros({n64, D}, f64);
+      for (int64_t s0 = 0; s0 < c; s0 += S) {
+        const int64_t s = std::min(S, c - s0);
+        A64.addmm_(P64.narrow(1, s0, s), ref64_tile(s0, s));
+      }
       const double* AP = A64.data_ptr<double>();
-      at::parallel_for(0, nd, 1, [&](int64_t j0, int64_t j1) {
+      at::parallel_for(0, n64, 1, [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
-          const int64_t i = drows[j];
+          const int64_t i = rows64[j];
           double* a64 = acc64.get() + i * D;
           if (!any64[i]) {
             std::fill(a64, a64 + D, 0.0);

@@ -19,6 +19,11 @@
 // Tiles are 64 x 64 x 16, loaded through registers (no cp.async pipeline):
 // lean, not tuned; the GPU benchmarks decide whether it needs more.
 // Nothing in this file has run on a GPU yet.
+// GPU follow-up (unmeasured): at sigma ~5..50 most entries are flagged and row_kernel
+// re-evaluates them one by one. The cpu backend decides such rows dense up front (a probe of
+// ref) and takes their logits from the float64 expansion instead, skipping the fp32 GEMM
+// (csrc/cpu/stf.cpp; kernels/stf.py's docstring has the reasoning). On Hopper float64
+// tensor-core GEMMs run at about fp32-SIMT speed, so the same should pay here.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
