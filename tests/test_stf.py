@@ -986,3 +986,17 @@ def test_meta_x_and_ref(checks, sigma_kind, monkeypatch):
     for fn in (fastdiff.stf_target, fastdiff.stf_weights):
         with pytest.raises(ValueError, match="x and ref are on the meta device"):
             fn(x, s, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sigma", [0.01, 10.0])
+def test_bf16_autocast_region_does_not_change_the_op(backend, sigma):
+    """Inside a bf16 autocast region (a mixed-precision train step) the op computes as outside it: its
+    GEMMs are its own precision decisions (the cpu kernel's probe GEMM once came back in bf16)."""
+    g = torch.Generator().manual_seed(5)
+    ref = torch.rand(300, 48, generator=g) * 2 - 1
+    x = ref[:9] + sigma * torch.randn(9, 48, generator=g)
+    plain = fastdiff.stf_target(x, sigma, ref, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = fastdiff.stf_target(x, sigma, ref, backend=backend)
+    assert auto.dtype == torch.float32 and torch.equal(auto, plain)

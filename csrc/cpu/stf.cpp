@@ -41,6 +41,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
@@ -792,6 +793,9 @@ void stf_target_cpu(const at::Tensor& x_, const at::Tensor& sigma_, const at::Te
   if (x_.size(0) == 0) return;
   TORCH_CHECK(ref_.size(0) > 0, "stf_target: ref is empty");
   const at::Tensor x = x_.contiguous(), sigma = sigma_.contiguous(), ref = ref_.contiguous();
+  // Called inside a bf16 autocast region (a mixed-precision train step), at::mm would return
+  // bf16 products: the kernel's GEMMs are its own precision decisions, so autocast stays off.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // "highest" is the only mode on CPU: the faster modes are GPU matrix-unit modes.
   stf_target_impl(x, sigma, ref, chunk, tm, t, lse);
 }

@@ -601,6 +601,16 @@ def _add_flagged(acc64: torch.Tensor, weights: torch.Tensor, ref: torch.Tensor, 
 def stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, precision: str,
                      t_out: torch.Tensor, lse_out: torch.Tensor, labels: torch.Tensor | None = None,
                      ref_labels: torch.Tensor | None = None, ref_logw: torch.Tensor | None = None) -> None:
+    """Plain-PyTorch backend (_stf_target_torch) with autocast off: inside a bf16/fp16 autocast
+    region (a mixed-precision train step) its fp32 GEMMs would run in half precision, outside the
+    error bound the exactness rests on."""
+    with torch.autocast(x.device.type, enabled=False):
+        _stf_target_torch(x, sigma, ref, precision, t_out, lse_out, labels, ref_labels, ref_logw)
+
+
+def _stf_target_torch(x: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, precision: str,
+                      t_out: torch.Tensor, lse_out: torch.Tensor, labels: torch.Tensor | None = None,
+                      ref_labels: torch.Tensor | None = None, ref_logw: torch.Tensor | None = None) -> None:
     """Plain-PyTorch backend: chunked over N with an online log-sum-exp.
 
     Per chunk: one fp32 GEMM for the logits (with an error bound per entry),
