@@ -16,8 +16,10 @@ from fastdiff import checkpoint as ckpt_io
 from fastdiff.nn import NULL_CLASS, Guided, build_net
 from fastdiff.train import main
 
+# --threads 1: results depend on the thread count, and with the default (0) every run of this
+# process would pick it afresh from the load average (a busy CI machine: 1, else torch's default).
 TINY = ["--preset", "tiny", "--batch", "8", "--fid-every", "-1", "--sample-steps", "2", "--log-every", "1",
-        "--warmup", "2", "--device", "cpu", "--no-compile"]
+        "--warmup", "2", "--device", "cpu", "--no-compile", "--threads", "1"]
 
 
 def _env(**extra):
