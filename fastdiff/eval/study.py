@@ -248,7 +248,7 @@ def make_fid_eval(dataset, cfg: dict):
     from fastdiff import eval as fd_eval
     from fastdiff.train import generate
     real = dataset.get(torch.arange(len(dataset)))
-    labels = fd_eval.digits_labels() if cfg["data"] == "digits" else None
+    labels = None if dataset.labels is None else dataset.labels.cpu()     # as fastdiff.train's proxy
     net = fd_eval.train_proxy(real, labels, steps=cfg["proxy_steps"], seed=0)
     real_stats = fd_eval.feature_stats(fd_eval.extract(net, real))
 
