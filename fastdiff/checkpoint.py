@@ -167,24 +167,33 @@ def _payload(data: bytes, path: str) -> io.BytesIO:
     return io.BytesIO(data)
 
 
-def _read(path: str) -> bytes:
+class CheckpointGoneError(CheckpointError):
+    """The checkpoint file no longer exists (a live run pruned it after it was listed)."""
+
+
+def _read(path: str) -> tuple[bytes, tuple]:
+    """(contents, fingerprint) from one open file: a file replaced or removed meanwhile cannot
+    pair one file's bytes with another's fingerprint."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(), _stat_key(os.fstat(f.fileno()))
+    except FileNotFoundError:
+        raise CheckpointGoneError(f"checkpoint {path} does not exist (any more)") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
 
 
 def load(path: str) -> dict:
     """Read and verify a checkpoint; raise CheckpointError naming the file and the problem."""
-    payload = _payload(_read(path), path)
+    data, key = _read(path)
+    payload = _payload(data, path)
     try:
         state = torch.load(payload, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is corrupt or incompatible: {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a fastdiff checkpoint (it holds a {type(state).__name__})")
-    _verified[os.path.abspath(path)] = _fingerprint(path)
+    _verified[os.path.abspath(path)] = key
     return state
 
 
@@ -193,9 +202,12 @@ def load(path: str) -> dict:
 _verified: dict = {}
 
 
-def _fingerprint(path: str):
-    st = os.stat(path)
+def _stat_key(st: os.stat_result) -> tuple:
     return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _fingerprint(path: str) -> tuple:
+    return _stat_key(os.stat(path))
 
 
 def verify(path: str) -> str | None:
@@ -204,10 +216,11 @@ def verify(path: str) -> str | None:
     try:
         if _verified.get(key) == _fingerprint(path):
             return None
-        _payload(_read(path), path)
+        data, stamp = _read(path)
+        _payload(data, path)
     except (CheckpointError, OSError) as e:
         return str(e)
-    _verified[key] = _fingerprint(path)
+    _verified[key] = stamp
     return None
 
 
@@ -267,18 +280,24 @@ def resolve(path: str) -> str:
 
 def load_newest(path: str, option: str = "--resume") -> tuple[str, dict]:
     """(file, state) of a checkpoint file, or of a run directory's newest checkpoint. When that one is
-    damaged, the error names the newest intact older one and how to use it."""
-    file = resolve(path)
-    try:
-        return file, load(file)
-    except CheckpointError as e:
-        if not os.path.isdir(path):
-            raise
-        older = newest_good(path, before=step_of(file))
-        hint = (f"; the newest intact checkpoint is {older}: continue from it with {option} {older}"
-                f"{' (the damaged newer ones are then moved aside)' if option == '--resume' else ''}") \
-            if older else f"; {path} holds no intact checkpoint"
-        raise CheckpointError(f"{e}{hint}") from None
+    damaged, the error names the newest intact older one and how to use it. A run still writing to the
+    directory may prune the newest file between listing and reading: its newer one is then read."""
+    for attempt in range(10):
+        file = resolve(path)
+        try:
+            return file, load(file)
+        except CheckpointGoneError:
+            if not os.path.isdir(path) or attempt == 9:
+                raise
+        except CheckpointError as e:
+            if not os.path.isdir(path):
+                raise
+            older = newest_good(path, before=step_of(file))
+            hint = (f"; the newest intact checkpoint is {older}: continue from it with {option} {older}"
+                    f"{' (the damaged newer ones are then moved aside)' if option == '--resume' else ''}") \
+                if older else f"; {path} holds no intact checkpoint"
+            raise CheckpointError(f"{e}{hint}") from None
+    raise AssertionError("unreachable")
 
 
 def check_newer(path: str, step: int) -> list[tuple[str, str]]:

@@ -335,14 +335,19 @@ def _make_objective(cfg: dict):
                           f"{cfg['weighting']} --density {cfg['density']}): {e}") from None
 
 
-def _claim_run_dir(run_dir: str, resumed: str | None = None, step: int = 0) -> None:
-    """Lock run_dir for this process (the lock lasts until it ends or main() returns), then tidy what
-    killed runs left: unfinished temporary checkpoints, and damaged checkpoints newer than `resumed`
-    (of step `step`; moved aside; an intact newer one stops the run: continuing would overwrite it)."""
+def _lock_run_dir(run_dir: str) -> None:
     try:
         runlock.RunLock(run_dir)
     except runlock.RunLockError as e:
         raise ConfigError(str(e)) from None
+
+
+def _claim_run_dir(run_dir: str, resumed: str | None = None, step: int = 0) -> None:
+    """Lock run_dir for this process (the lock lasts until it ends or main() returns), then tidy what
+    killed runs left: unfinished temporary checkpoints, and damaged checkpoints newer than `resumed`
+    (of step `step`; moved aside; an intact newer one stops the run: continuing would overwrite it)."""
+    if not runlock.holds(run_dir):
+        _lock_run_dir(run_dir)
     for f in ckpt_io.remove_temporaries(run_dir):
         print(f"removed {f}: an unfinished checkpoint write of a killed run")
     if resumed is not None:
@@ -581,6 +586,11 @@ def setup_run(cfg: dict, explicit: set) -> Run:
     """Device, process group, resume, data, network, objective, optimizer and run directory:
     everything before the first step. A failure here stops the run before any step."""
     device, world, rank = _init_device(cfg)
+    if cfg["resume"] and rank == 0:
+        # Lock before reading: a run still going there prunes the checkpoints this would read.
+        where = cfg["resume"] if os.path.isdir(cfg["resume"]) else os.path.dirname(os.path.abspath(cfg["resume"]))
+        if os.path.isdir(where):
+            _lock_run_dir(where)
     cfg, resume, resumed = _load_resume(cfg, explicit)
     check_config(cfg)
     run_dir = os.path.dirname(os.path.abspath(resumed)) if resumed else None

@@ -388,6 +388,49 @@ def test_a_second_process_on_a_run_directory_exits_naming_the_first(tmp_path):
     assert ckpt_io.step_of(ckpt_io.list_checkpoints(str(run))[-1]) == step + 1
 
 
+def test_resuming_a_live_run_takes_the_lock_before_reading_its_checkpoints(tmp_path, monkeypatch, capsys):
+    # The live run prunes the checkpoints a second --resume would read (CI saw a FileNotFoundError
+    # traceback there): the second process must meet the lock first, and read nothing.
+    assert _run(tmp_path, "--steps", "2", "--name", "live") == 0
+    run = tmp_path / "runs" / "live"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastdiff import runlock; "
+                               "runlock.RunLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+                               str(run)], stdout=subprocess.PIPE, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        read = []
+        monkeypatch.setattr(ckpt_io, "load", lambda path: read.append(path) or pytest.fail("read before the lock"))
+        for target in (run, run / "checkpoint-0000002.pt"):
+            assert _run(tmp_path, "--resume", str(target), "--steps", "3") == 2
+            assert f"is in use by process {holder.pid}" in _error_line(capsys.readouterr().err)
+        assert read == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_reader_of_a_live_run_reads_the_newer_checkpoint_when_the_listed_one_is_pruned(tmp_path, monkeypatch):
+    assert _run(tmp_path, "--steps", "4", "--ckpt-every", "2", "--keep", "5", "--name", "r") == 0
+    run = tmp_path / "runs" / "r"
+    real = ckpt_io.list_checkpoints
+    calls = []
+
+    def listing_then_pruned(d):          # the first listing is taken just before the run prunes its newest
+        files = real(d)
+        calls.append(files)
+        if len(calls) == 1:
+            files = files[:1]
+            os.remove(files[0])
+        return files
+    monkeypatch.setattr(ckpt_io, "list_checkpoints", listing_then_pruned)
+    path, state = ckpt_io.load_newest(str(run), "--ckpt")
+    assert os.path.basename(path) == "checkpoint-0000004.pt" and state["step"] == 4 and len(calls) == 2
+    with pytest.raises(ckpt_io.CheckpointError, match="checkpoint-0000002.pt does not exist"):
+        ckpt_io.load_newest(str(run / "checkpoint-0000002.pt"))    # a file named outright: said plainly
+    with pytest.raises(ckpt_io.CheckpointError, match="does not exist"):
+        ckpt_io.load(str(run / "checkpoint-0000002.pt"))
+
+
 # ---------------------------------------------------------------------------- 4. kill -9 while writing
 
 def test_kill9_during_a_checkpoint_write_leaves_the_run_resumable_bit_for_bit(tmp_path):
