@@ -223,6 +223,16 @@ void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int
           const double sq = widen_f32_avx2(R + k * D + d0, rb + (k - k0) * kDotBlock, n, rn != nullptr);
           if (rn) rn[k] += sq;
         }
+        // The next block of ref (this group's next 256 columns, else the next group's first) is
+        // requested now, to arrive while this one's tiles compute: the widening then reads
+        // from cache instead of waiting on L3 / memory (it cost ~0.45x the tiles without).
+        {
+          const bool same = d0 + kDotBlock < D;
+          const int64_t pk0 = same ? k0 : k1, pk1 = same ? k1 : std::min(s, k1 + kDotGroup);
+          const int64_t pd = same ? d0 + kDotBlock : 0, pn = std::min(D - pd, kDotBlock);
+          for (int64_t pk = pk0; pk < pk1; ++pk)
+            for (int64_t e = 0; e < pn; e += 16) __builtin_prefetch(R + pk * D + pd + e, 0, 3);
+        }
         int64_t k = k0;
         for (; k + 3 <= k1; k += 3) dot64_row_tiles<3>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
         if (k1 - k == 2) dot64_row_tiles<2>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
