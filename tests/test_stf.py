@@ -197,6 +197,19 @@ def test_many_chunks(backend, monkeypatch):
     assert_lse(lse, x, s, ref)
 
 
+def test_sparse_and_dense_rows_mixed_across_tiles_and_chunks(backend, monkeypatch):
+    """Rows of one-hot, spread and uniform weights side by side (the cpu backend tiles the
+    weighted sum's rows by their nonzero count and skips the references no row of a tile
+    weighs), D neither a multiple of 16 nor of 256, several chunks."""
+    B, N, D = 32, 257, 1000
+    sig = torch.tensor([0.002, 0.02, 0.3, 1.0, 3.0, 80.0, 0.005, 0.01] * 4)
+    x, s, ref = near_duplicate_case(B, N, D, sig)
+    monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * B * 64)  # 64 rows per chunk
+    t, lse = run(backend, x, s, ref)
+    assert_contract(t, x, s, ref)
+    assert_lse(lse, x, s, ref)
+
+
 @pytest.mark.parametrize("x_dtype,ref_dtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
     (torch.float64, torch.float64), (torch.float32, torch.bfloat16), (torch.float16, torch.float32),

@@ -241,9 +241,131 @@ void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int
     }
   });
 }
+
+// The weighted sum A (B, D) += P (B, c) @ R (c, D) in fp32, where P is sparse. Near one-hot
+// weights (EDM's sigma, mostly) leave most of P zero, but MKL's sgemm costs the same: at B = 32
+// it spends more time packing R (a copy of the chunk, from L3 or memory) than multiplying. This
+// kernel reads R in place and skips, per tile of rows, the references whose weights are 0 in
+// all of its rows; the rows are tiled in order of their nonzero count, so the dense rows share
+// tiles. Where the tiles' nonzeros are many (sigma 5..50), MKL's packed sgemm is faster (this
+// kernel reads R along its columns, 16 floats of a 12 KiB row at a time): the caller uses it.
+// Per thread, panels of kWsPanel columns; k in blocks of kWsBlock (a panel's block stays in L2
+// across the tiles); register tiles of 6 rows by 16 columns. Summation per entry: sequential
+// over a block's nonzero k, blocks added in order, like a blocked GEMM's (the gemm_gamma(C)
+// model of ws32_ok).
+constexpr int64_t kWsBlock = 64, kWsRows = 6, kWsCols = 16, kWsPanel = 256;
+// The kernel runs where the tiles' nonzeros are at most this share of (tiles x c) (measured:
+// at full density it costs ~2.5x MKL's sgemm).
+constexpr double kWsMaxDensity = 0.25;
+
+template <int IB>
+__attribute__((target("avx2,fma"))) inline void ws_tile(const float* const* Pr, const int32_t* ks, int64_t nk,
+                                                        const float* R, int64_t D, float* const* Ar, int64_t d) {
+  __m256 acc[IB][2];
+  for (int i = 0; i < IB; ++i) {
+    acc[i][0] = _mm256_loadu_ps(Ar[i] + d);
+    acc[i][1] = _mm256_loadu_ps(Ar[i] + d + 8);
+  }
+  for (int64_t t = 0; t < nk; ++t) {
+    const int64_t k = ks[t];
+    const __m256 r0 = _mm256_loadu_ps(R + k * D + d), r1 = _mm256_loadu_ps(R + k * D + d + 8);
+    for (int i = 0; i < IB; ++i) {
+      const __m256 p = _mm256_broadcast_ss(Pr[i] + k);
+      acc[i][0] = _mm256_fmadd_ps(p, r0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(p, r1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < IB; ++i) {
+    _mm256_storeu_ps(Ar[i] + d, acc[i][0]);
+    _mm256_storeu_ps(Ar[i] + d + 8, acc[i][1]);
+  }
+}
+
+// The same for columns d..d+w-1, w < kWsCols, any number of rows.
+inline void ws_tail(int64_t ib, const float* const* Pr, const int32_t* ks, int64_t nk, const float* R, int64_t D,
+                    float* const* Ar, int64_t d, int64_t w) {
+  for (int64_t i = 0; i < ib; ++i)
+    for (int64_t e = d; e < d + w; ++e) {
+      float a = Ar[i][e];
+      for (int64_t t = 0; t < nk; ++t) a += Pr[i][ks[t]] * R[ks[t] * D + e];
+      Ar[i][e] = a;
+    }
+}
+
+// A (B, D) += P (B, c) @ R (c, D), A zeroed first when `first`; false (nothing done) where P
+// is too dense for it (kWsMaxDensity).
+bool ws_sparse_f32_avx2(const float* P, int64_t B, int64_t c, const float* R, int64_t D, float* A, bool first) {
+  // Rows in order of their nonzero count, tiled by kWsRows; per tile, the references with a
+  // nonzero weight in any of its rows (ks, in order; cut[t * (nkb + 1) + b]: where k block b
+  // starts in tile t's list).
+  std::vector<int64_t> nnz(B), order(B);
+  at::parallel_for(0, B, 4, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) nnz[i] = c - std::count(P + i * c, P + (i + 1) * c, 0.0f);
+  });
+  for (int64_t i = 0; i < B; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t u, int64_t v) { return nnz[u] < nnz[v]; });
+  const int64_t ntiles = (B + kWsRows - 1) / kWsRows, nkb = (c + kWsBlock - 1) / kWsBlock;
+  std::vector<int32_t> ks(static_cast<size_t>(ntiles * c));
+  std::vector<int64_t> cut(static_cast<size_t>(ntiles * (nkb + 1)));
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kWsRows, ib = std::min(B - i0, kWsRows);
+      int32_t* list = ks.data() + t * c;
+      int64_t n = 0;
+      for (int64_t b = 0; b < nkb; ++b) {
+        cut[t * (nkb + 1) + b] = n;
+        for (int64_t k = b * kWsBlock; k < std::min(c, (b + 1) * kWsBlock); ++k) {
+          bool any = false;
+          for (int64_t i = 0; i < ib; ++i) any |= P[order[i0 + i] * c + k] != 0.0f;
+          if (any) list[n++] = static_cast<int32_t>(k);
+        }
+      }
+      cut[t * (nkb + 1) + nkb] = n;
+    }
+  });
+  int64_t live = 0;
+  for (int64_t t = 0; t < ntiles; ++t) live += cut[t * (nkb + 1) + nkb];
+  if (static_cast<double>(live) > kWsMaxDensity * static_cast<double>(ntiles * c)) return false;
+
+  const int64_t npanels = (D + kWsPanel - 1) / kWsPanel;
+  at::parallel_for(0, npanels, 1, [&](int64_t q0, int64_t q1) {
+    if (first)
+      for (int64_t i = 0; i < B; ++i)
+        std::fill(A + i * D + q0 * kWsPanel, A + i * D + std::min(D, q1 * kWsPanel), 0.0f);
+    for (int64_t q = q0; q < q1; ++q)
+      for (int64_t b = 0; b < nkb; ++b)
+        for (int64_t t = 0; t < ntiles; ++t) {
+          const int64_t i0 = t * kWsRows, ib = std::min(B - i0, kWsRows);
+          const int64_t from = cut[t * (nkb + 1) + b], nk = cut[t * (nkb + 1) + b + 1] - from;
+          if (nk == 0) continue;
+          const int32_t* kl = ks.data() + t * c + from;
+          const float* Pr[kWsRows];
+          float* Ar[kWsRows];
+          for (int64_t i = 0; i < ib; ++i) {
+            Pr[i] = P + order[i0 + i] * c;
+            Ar[i] = A + order[i0 + i] * D;
+          }
+          const int64_t dend = std::min(D, (q + 1) * kWsPanel);
+          int64_t d = q * kWsPanel;
+          for (; d + kWsCols <= dend; d += kWsCols) {
+            switch (ib) {
+              case 6: ws_tile<6>(Pr, kl, nk, R, D, Ar, d); break;
+              case 5: ws_tile<5>(Pr, kl, nk, R, D, Ar, d); break;
+              case 4: ws_tile<4>(Pr, kl, nk, R, D, Ar, d); break;
+              case 3: ws_tile<3>(Pr, kl, nk, R, D, Ar, d); break;
+              case 2: ws_tile<2>(Pr, kl, nk, R, D, Ar, d); break;
+              default: ws_tile<1>(Pr, kl, nk, R, D, Ar, d); break;
+            }
+          }
+          if (d < dend) ws_tail(ib, Pr, kl, nk, R, D, Ar, d, dend - d);
+        }
+  });
+  return true;
+}
 #else
 const bool kHaveAvx2 = false;
 void dot64_f32_avx2(const double*, int64_t, const float*, int64_t, int64_t, double*, double*) {}
+bool ws_sparse_f32_avx2(const float*, int64_t, int64_t, const float*, int64_t, float*, bool) { return false; }
 #endif
 
 template <typename R>
@@ -784,7 +906,9 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         }
       });
     }
-    if (k0 == 0)
+    if (kHaveAvx2 && ws_sparse_f32_avx2(PP, B, c, RCF, D, ACC, k0 == 0)) {
+      // done: P was sparse enough for the kernel that skips its zeros
+    } else if (k0 == 0)
       at::mm_out(acc, P, rcf);
     else
       acc.addmm_(P, rcf);
