@@ -15,7 +15,8 @@
 //             -> l_ik = -||x_i - r_k||^2 / (2 s_i^2) by direct difference, float64
 //       online log-sum-exp (float64 m_i, s_i); flagged p_ik accumulated into a
 //       float64 row accumulator, the others written to P (fp32)
-//     acc = acc * scale + P @ r_f32              (MKL sgemm, addmm_)
+//     acc = acc * scale + P @ r_f32              (ws_sparse_f32_avx2 where P is sparse,
+//                                                 else MKL sgemm, addmm_)
 //   rows with many flags (DENSE_SHARE, moderate sigma) take float64-expansion
 //   logits (error bound gemm_gamma(D, 2^-53)) instead of per-entry re-evaluation:
 //   decided for the whole call by a 64-row probe of ref before the first GEMM
@@ -623,7 +624,7 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
   // The fp32 GEMM streams (and MKL packs) all of ref whatever its rows (on this CPU 6 of 32
   // rows cost ~2/3 of all 32), and it needs a norms pass of its own; the float64 kernel costs
   // ~1.45x an fp32 GEMM row for row. Where at most half the rows would remain, they are dense
-  // too (sigma 5..50 at N = 8192: 22 of 32 rows dense, paired x floor 1.69 -> see README).
+  // too (sigma 5..50 at N = 8192: 22 of 32 rows dense, paired x floor 1.69 -> 1.15).
   {
     const int64_t nu = std::count(up_dense.begin(), up_dense.end(), 1);
     if (nu > 0 && 2 * (B - nu) <= B) std::fill(up_dense.begin(), up_dense.end(), 1);
