@@ -11,6 +11,9 @@ autograd.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -208,6 +211,42 @@ def test_sparse_and_dense_rows_mixed_across_tiles_and_chunks(backend, monkeypatc
     t, lse = run(backend, x, s, ref)
     assert_contract(t, x, s, ref)
     assert_lse(lse, x, s, ref)
+
+
+_BASELINE_PROBE = """
+import sys, torch, fastdiff
+g = torch.Generator().manual_seed(0)
+ref = torch.tanh(torch.randn(300, 1000, generator=g))
+x = ref[:32] + 10.0 * torch.randn(32, 1000, generator=g)
+s = torch.full((32,), 10.0)
+t, lse = fastdiff.stf_target(x, s, ref, backend="cpu", return_lse=True)
+torch.save((t, lse), sys.argv[1])
+"""
+
+
+def test_cpu_backend_baseline_paths(tmp_path):
+    """The cpu backend's AVX2 kernels (float64 logits, widening, sparse weighted sum) have
+    baseline fallbacks for CPUs without AVX2/FMA; FASTDIFF_CPU_NO_AVX2=1 takes them here. The
+    op's cpu cases run so in a subprocess, and the switch is shown to take effect: at sigma 10
+    every row is dense, and the float64 logits then come from MKL's dgemm, which sums in
+    another order (lse, in float64, shows it)."""
+    need("cpu")
+    env = dict(os.environ, FASTDIFF_CPU_NO_AVX2="1", OMP_NUM_THREADS="1")
+    tests = os.path.abspath(__file__)
+    run_ = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", tests, "-k",
+                           "cpu and (ragged or dense_rows or moderate_sigma or many_chunks or sparse_and_dense or "
+                           "dtypes or sweep)"], env=env, capture_output=True, text=True, timeout=900)
+    assert run_.returncode == 0, run_.stdout[-3000:] + run_.stderr[-3000:]
+    outs = []
+    for name, no_avx2 in (("base", "1"), ("avx2", "0")):
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", _BASELINE_PROBE, str(path)], check=True, timeout=300,
+                       env=dict(os.environ, FASTDIFF_CPU_NO_AVX2=no_avx2, OMP_NUM_THREADS="1"))
+        outs.append(torch.load(path))
+    (t0, lse0), (t1, lse1) = outs
+    assert not torch.equal(lse0, lse1)          # float64: the two paths' rounding shows
+    torch.testing.assert_close(lse0, lse1, rtol=1e-12, atol=0)
+    torch.testing.assert_close(t0, t1, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("x_dtype,ref_dtype", [

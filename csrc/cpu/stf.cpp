@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -125,7 +126,10 @@ __attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_
   for (; d < D; ++d) acc += static_cast<double>(r[d]) * static_cast<double>(r[d]);
   return acc;
 }
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+// FASTDIFF_CPU_NO_AVX2=1 (read once, at load) takes the baseline paths on any CPU, so that they
+// are tested where AVX2 is present (tests/test_stf.py runs its cases so in a subprocess).
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                       !(std::getenv("FASTDIFF_CPU_NO_AVX2") && std::string(std::getenv("FASTDIFF_CPU_NO_AVX2")) == "1");
 template <>
 inline double sumsq<float>(const float* r, int64_t D) {
   if (kHaveAvx2) return sumsq_f32_avx2(r, D);
