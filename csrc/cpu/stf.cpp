@@ -129,7 +129,8 @@ __attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_
 // FASTDIFF_CPU_NO_AVX2=1 (read once, at load) takes the baseline paths on any CPU, so that they
 // are tested where AVX2 is present (tests/test_stf.py runs its cases so in a subprocess).
 const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                       !(std::getenv("FASTDIFF_CPU_NO_AVX2") && std::string(std::getenv("FASTDIFF_CPU_NO_AVX2")) == "1");
+                       !(std::getenv("FASTDIFF_CPU_NO_AVX2") &&
+                         std::string(std::getenv("FASTDIFF_CPU_NO_AVX2")) == "1");
 template <>
 inline double sumsq<float>(const float* r, int64_t D) {
   if (kHaveAvx2) return sumsq_f32_avx2(r, D);
@@ -191,8 +192,8 @@ inline void dot64_row_tiles(const double* XD, int64_t nd, int64_t D, const doubl
 }
 
 // dst[0..n) = src widened to float64 (exact); returns sum dst[e]^2 when with_sq (16 partial
-// sums, e mod 16, added pairwise, then the lanes (l0 + l1) + (l2 + l3)). Vectorized: in the lambda below, compiled for the
-// baseline ISA, this loop cost ~0.5x the float64 GEMM it feeds.
+// sums, e mod 16, added pairwise, then the lanes (l0 + l1) + (l2 + l3)). Vectorized: in the
+// lambda below, compiled for the baseline ISA, this loop cost ~0.5x the float64 GEMM it feeds.
 __attribute__((target("avx2,fma"))) double widen_f32_avx2(const float* src, double* dst, int64_t n, bool with_sq) {
   // Four accumulators: one would wait on the FMA latency each step (~30% of the tiles' time).
   __m256d a = _mm256_setzero_pd(), b = _mm256_setzero_pd(), c = _mm256_setzero_pd(), d = _mm256_setzero_pd();
