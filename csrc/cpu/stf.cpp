@@ -108,13 +108,22 @@ inline double sumsq(const R* r, int64_t D) {
 // AVX2/FMA version chosen at run time (about 3x faster).
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-__attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_t D) {
+// sum r[d]^2 (16 partial sums, d mod 16, added pairwise, then the lanes (l0 + l1) + (l2 + l3),
+// then the last D mod 16 in order); with dst, also dst[0..D) = r widened to float64 (exact),
+// for the float64 kernel's blocks below.
+__attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_t D, double* dst = nullptr) {
   __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(),
           a3 = _mm256_setzero_pd();
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
     const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(r + d)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 4));
     const __m256d v2 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 8)), v3 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 12));
+    if (dst) {
+      _mm256_storeu_pd(dst + d, v0);
+      _mm256_storeu_pd(dst + d + 4, v1);
+      _mm256_storeu_pd(dst + d + 8, v2);
+      _mm256_storeu_pd(dst + d + 12, v3);
+    }
     a0 = _mm256_fmadd_pd(v0, v0, a0);
     a1 = _mm256_fmadd_pd(v1, v1, a1);
     a2 = _mm256_fmadd_pd(v2, v2, a2);
@@ -123,7 +132,10 @@ __attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_
   alignas(32) double lanes[4];
   _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
   double acc = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-  for (; d < D; ++d) acc += static_cast<double>(r[d]) * static_cast<double>(r[d]);
+  for (; d < D; ++d) {
+    if (dst) dst[d] = static_cast<double>(r[d]);
+    acc += static_cast<double>(r[d]) * static_cast<double>(r[d]);
+  }
   return acc;
 }
 // FASTDIFF_CPU_NO_AVX2=1 (read once, at load) takes the baseline paths on any CPU, so that they
@@ -191,44 +203,6 @@ inline void dot64_row_tiles(const double* XD, int64_t nd, int64_t D, const doubl
   }
 }
 
-// dst[0..n) = src widened to float64 (exact); returns sum dst[e]^2 when with_sq (16 partial
-// sums, e mod 16, added pairwise, then the lanes (l0 + l1) + (l2 + l3)). Vectorized: in the
-// lambda below, compiled for the baseline ISA, this loop cost ~0.5x the float64 GEMM it feeds.
-__attribute__((target("avx2,fma"))) double widen_f32_avx2(const float* src, double* dst, int64_t n, bool with_sq) {
-  // Four accumulators: one would wait on the FMA latency each step (~30% of the tiles' time).
-  __m256d a = _mm256_setzero_pd(), b = _mm256_setzero_pd(), c = _mm256_setzero_pd(), d = _mm256_setzero_pd();
-  int64_t e = 0;
-  for (; e + 16 <= n; e += 16) {
-    const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(src + e)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(src + e + 4));
-    const __m256d v2 = _mm256_cvtps_pd(_mm_loadu_ps(src + e + 8)), v3 = _mm256_cvtps_pd(_mm_loadu_ps(src + e + 12));
-    _mm256_storeu_pd(dst + e, v0);
-    _mm256_storeu_pd(dst + e + 4, v1);
-    _mm256_storeu_pd(dst + e + 8, v2);
-    _mm256_storeu_pd(dst + e + 12, v3);
-    if (with_sq) {
-      a = _mm256_fmadd_pd(v0, v0, a);
-      b = _mm256_fmadd_pd(v1, v1, b);
-      c = _mm256_fmadd_pd(v2, v2, c);
-      d = _mm256_fmadd_pd(v3, v3, d);
-    }
-  }
-  a = _mm256_add_pd(_mm256_add_pd(a, b), _mm256_add_pd(c, d));
-  for (; e + 4 <= n; e += 4) {
-    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(src + e));
-    _mm256_storeu_pd(dst + e, v);
-    if (with_sq) a = _mm256_fmadd_pd(v, v, a);
-  }
-  double tail = 0.0;
-  for (; e < n; ++e) {
-    dst[e] = static_cast<double>(src[e]);
-    tail += dst[e] * dst[e];
-  }
-  if (!with_sq) return 0.0;
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, a);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
-}
-
 // out (nd, s), row-major, overwritten; rn (s) null, or set to ||R_k||^2 (float64, from the
 // widened blocks: every element of R is widened exactly once).
 void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int64_t D, double* out,
@@ -242,7 +216,7 @@ void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int
       for (int64_t d0 = 0; d0 < D; d0 += kDotBlock) {
         const int64_t n = std::min(D - d0, kDotBlock);
         for (int64_t k = k0; k < k1; ++k) {
-          const double sq = widen_f32_avx2(R + k * D + d0, rb + (k - k0) * kDotBlock, n, rn != nullptr);
+          const double sq = sumsq_f32_avx2(R + k * D + d0, n, rb + (k - k0) * kDotBlock);   // widened
           if (rn) rn[k] += sq;
         }
         // The next block of ref (this group's next 256 columns, else the next group's first) is
