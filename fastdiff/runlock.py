@@ -27,13 +27,6 @@ def release_all() -> None:
         _held.pop().release()
 
 
-def holds(run_dir: str) -> bool:
-    """Whether this process holds the lock on run_dir."""
-    path = os.path.join(run_dir, LOCK_NAME)
-    return any(os.path.samefile(lock.path, path) for lock in _held if os.path.exists(lock.path)) \
-        if os.path.exists(path) else False
-
-
 class RunLockError(RuntimeError):
     """The run directory is locked by another process; the message names it."""
 

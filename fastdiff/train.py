@@ -342,12 +342,17 @@ def _lock_run_dir(run_dir: str) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _claim_run_dir(run_dir: str, resumed: str | None = None, step: int = 0) -> None:
-    """Lock run_dir for this process (the lock lasts until it ends or main() returns), then tidy what
-    killed runs left: unfinished temporary checkpoints, and damaged checkpoints newer than `resumed`
-    (of step `step`; moved aside; an intact newer one stops the run: continuing would overwrite it)."""
-    if not runlock.holds(run_dir):
-        _lock_run_dir(run_dir)
+def _claim_run_dir(run_dir: str) -> None:
+    """Lock a new run directory for this process (the lock lasts until it ends or main() returns) and
+    tidy it."""
+    _lock_run_dir(run_dir)
+    _tidy_run_dir(run_dir)
+
+
+def _tidy_run_dir(run_dir: str, resumed: str | None = None, step: int = 0) -> None:
+    """Under the run's lock, remove what killed runs left: unfinished temporary checkpoints, and damaged
+    checkpoints newer than `resumed` (of step `step`; moved aside; an intact newer one stops the run:
+    continuing would overwrite it)."""
     for f in ckpt_io.remove_temporaries(run_dir):
         print(f"removed {f}: an unfinished checkpoint write of a killed run")
     if resumed is not None:
@@ -594,8 +599,8 @@ def setup_run(cfg: dict, explicit: set) -> Run:
     cfg, resume, resumed = _load_resume(cfg, explicit)
     check_config(cfg)
     run_dir = os.path.dirname(os.path.abspath(resumed)) if resumed else None
-    if resumed and rank == 0:
-        _claim_run_dir(run_dir, resumed, resume["step"])
+    if resumed and rank == 0:              # locked above
+        _tidy_run_dir(run_dir, resumed, resume["step"])
     _configure_host(cfg, device)
 
     dataset = load_dataset(cfg["data"], cfg["resolution"], cfg["xflip"])
