@@ -624,6 +624,22 @@ def test_moderate_sigma_ragged(backend, dtype):
     assert_lse(lse, x64, s, r64)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_moderate_sigma_dense_weighted_sum_ragged(backend, chunked, monkeypatch):
+    """Every weight nonzero (sigma ~20) at B = 32: the cpu backend's dense weighted-sum kernel
+    (row tiles of 6 6 5 5 5 5, references in blocks of 128, D in panels of 256 and strips of
+    16) on sizes that fill none of them evenly: D = 1000 ends in a panel of 232 and a strip of
+    8, N = 310 in a block of 54 (one chunk) or chunks of 100 (several, the weighted sums added
+    across chunks). Dropping the last strip, the last block of references or the last row tile
+    (mutated by hand) each break the contract here."""
+    if chunked:
+        monkeypatch.setattr(stf, "CHUNK_BYTES", 48 * 32 * 100)    # 100 rows per chunk
+    x, s, ref = moderate_sigma_case(20.0, "unit", B=32, clusters=6, per=45, D=1000)
+    t, lse = run(backend, x, s, ref)
+    assert_contract(t, x, s, ref)
+    assert_lse(lse, x, s, ref)
+
+
 @pytest.mark.parametrize("mutant", ["loosened bound", "skipped re-evaluation"])
 def test_moderate_sigma_cases_catch_mutations(mutant, monkeypatch):
     """The moderate-sigma cases can fail: with the bound 1000x too small, or with no entry

@@ -16,7 +16,8 @@
 //       online log-sum-exp (float64 m_i, s_i); flagged p_ik accumulated into a
 //       float64 row accumulator, the others written to P (fp32)
 //     acc = acc * scale + P @ r_f32              (ws_sparse_f32_avx2 where P is sparse,
-//                                                 else MKL sgemm, addmm_)
+//                                                 else ws_dense_f32_avx2; MKL sgemm
+//                                                 without AVX2)
 //   rows with many flags (DENSE_SHARE, moderate sigma) take float64-expansion
 //   logits (error bound gemm_gamma(D, 2^-53)) instead of per-entry re-evaluation:
 //   decided for the whole call by a 64-row probe of ref before the first GEMM
@@ -46,6 +47,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -158,12 +160,13 @@ inline double sumsq<float>(const float* r, int64_t D) {
 // The dense rows' float64 logits GEMM, G = XD R^T, with XD (nd, D) float64 and R (s, D) the
 // float32 chunk of ref, widened to float64 (exactly) a block at a time in a buffer that
 // stays in L1: a float64 copy of the chunk costs ~0.4 of an fp32 GEMM, and MKL's dgemm on
-// thin converted tiles runs ~25% slower than on the whole chunk. Per thread, groups of 6
-// rows of R; D in blocks of 256 (the group's block, 12 KiB, and a 4-row tile of XD, 8 KiB,
-// stay in L1); register tiles of 4 rows of XD by 3 of R (12 accumulators). Summation: 4
+// thin converted tiles runs ~25% slower than on the whole chunk. Per thread, groups of 9
+// rows of R; D in blocks of 256 (the group's block, 18 KiB, and a 4-row tile of XD, 8 KiB,
+// stay in L1; a tile of XD meets all of the group before the next tile is read from L2);
+// register tiles of 4 rows of XD by 3 of R (12 accumulators). Summation: 4
 // lanes per block, blocks added in order: within gemm_gamma(D, 2^-53)'s model like any
 // blocked GEMM.
-constexpr int64_t kDotGroup = 6, kDotBlock = 256;
+constexpr int64_t kDotGroup = 9, kDotBlock = 256;
 
 template <int JB, int KB>
 __attribute__((target("avx2,fma"))) inline void dot64_tile(const double* XD, int64_t D, const double* Rb,
@@ -190,17 +193,15 @@ __attribute__((target("avx2,fma"))) inline void dot64_tile(const double* XD, int
     }
 }
 
-template <int KB>
-inline void dot64_row_tiles(const double* XD, int64_t nd, int64_t D, const double* Rb, int64_t n, double* out,
-                            int64_t ldo) {
-  int64_t j = 0;
-  for (; j + 4 <= nd; j += 4) dot64_tile<4, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo);
-  switch (nd - j) {
-    case 3: dot64_tile<3, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
-    case 2: dot64_tile<2, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
-    case 1: dot64_tile<1, KB>(XD + j * D, D, Rb, n, out + j * ldo, ldo); break;
-    default: break;
-  }
+// One tile of JB rows of XD against the group's ng rows of R (in tiles of 3): the rows of XD
+// are read from L2 once and then from L1, the group's block stays in L1 throughout.
+template <int JB>
+inline void dot64_group(const double* XD, int64_t D, const double* Rb, int64_t ng, int64_t n, double* out,
+                        int64_t ldo) {
+  int64_t k = 0;
+  for (; k + 3 <= ng; k += 3) dot64_tile<JB, 3>(XD, D, Rb + k * kDotBlock, n, out + k, ldo);
+  if (ng - k == 2) dot64_tile<JB, 2>(XD, D, Rb + k * kDotBlock, n, out + k, ldo);
+  if (ng - k == 1) dot64_tile<JB, 1>(XD, D, Rb + k * kDotBlock, n, out + k, ldo);
 }
 
 // out (nd, s), row-major, overwritten; rn (s) null, or set to ||R_k||^2 (float64, from the
@@ -229,10 +230,14 @@ void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int
           for (int64_t pk = pk0; pk < pk1; ++pk)
             for (int64_t e = 0; e < pn; e += 16) __builtin_prefetch(R + pk * D + pd + e, 0, 3);
         }
-        int64_t k = k0;
-        for (; k + 3 <= k1; k += 3) dot64_row_tiles<3>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
-        if (k1 - k == 2) dot64_row_tiles<2>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
-        if (k1 - k == 1) dot64_row_tiles<1>(XD + d0, nd, D, rb + (k - k0) * kDotBlock, n, out + k, s);
+        int64_t j = 0;
+        for (; j + 4 <= nd; j += 4) dot64_group<4>(XD + j * D + d0, D, rb, k1 - k0, n, out + j * s + k0, s);
+        switch (nd - j) {
+          case 3: dot64_group<3>(XD + j * D + d0, D, rb, k1 - k0, n, out + j * s + k0, s); break;
+          case 2: dot64_group<2>(XD + j * D + d0, D, rb, k1 - k0, n, out + j * s + k0, s); break;
+          case 1: dot64_group<1>(XD + j * D + d0, D, rb, k1 - k0, n, out + j * s + k0, s); break;
+          default: break;
+        }
       }
     }
   });
@@ -243,15 +248,15 @@ void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int
 // it spends more time packing R (a copy of the chunk, from L3 or memory) than multiplying. This
 // kernel reads R in place and skips, per tile of rows, the references whose weights are 0 in
 // all of its rows; the rows are tiled in order of their nonzero count, so the dense rows share
-// tiles. Where the tiles' nonzeros are many (sigma 5..50), MKL's packed sgemm is faster (this
-// kernel reads R along its columns, 16 floats of a 12 KiB row at a time): the caller uses it.
+// tiles. Where the tiles' nonzeros are many (sigma 5..50), ws_dense_f32_avx2 below is faster
+// (this kernel reads R along its columns, 16 floats of a 12 KiB row at a time): the caller uses it.
 // Per thread, panels of kWsPanel columns; k in blocks of kWsBlock (a panel's block stays in L2
 // across the tiles); register tiles of 6 rows by 16 columns. Summation per entry: sequential
 // over a block's nonzero k, blocks added in order, like a blocked GEMM's (the gemm_gamma(C)
 // model of ws32_ok).
 constexpr int64_t kWsBlock = 64, kWsRows = 6, kWsCols = 16, kWsPanel = 256;
-// The kernel runs where the tiles' nonzeros are at most this share of (tiles x c) (measured:
-// at full density it costs ~2.5x MKL's sgemm).
+// The kernel runs where the tiles' nonzeros are at most this share of (tiles x c) (measured at
+// N = 1024, sigma 5..50, where every weight is nonzero: it costs ~2x ws_dense_f32_avx2 there).
 constexpr double kWsMaxDensity = 0.25;
 
 template <int IB>
@@ -262,7 +267,8 @@ __attribute__((target("avx2,fma"))) inline void ws_tile(const float* const* Pr, 
     acc[i][0] = _mm256_loadu_ps(Ar[i] + d);
     acc[i][1] = _mm256_loadu_ps(Ar[i] + d + 8);
   }
-  for (int64_t t = 0; t < nk; ++t) {
+  int64_t t = 0;
+  do {  // nk >= 1 (with `for`, GCC stores all of acc to memory on every t)
     const int64_t k = ks[t];
     const __m256 r0 = _mm256_loadu_ps(R + k * D + d), r1 = _mm256_loadu_ps(R + k * D + d + 8);
     for (int i = 0; i < IB; ++i) {
@@ -270,7 +276,7 @@ __attribute__((target("avx2,fma"))) inline void ws_tile(const float* const* Pr, 
       acc[i][0] = _mm256_fmadd_ps(p, r0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(p, r1, acc[i][1]);
     }
-  }
+  } while (++t < nk);
   for (int i = 0; i < IB; ++i) {
     _mm256_storeu_ps(Ar[i] + d, acc[i][0]);
     _mm256_storeu_ps(Ar[i] + d + 8, acc[i][1]);
@@ -358,10 +364,115 @@ bool ws_sparse_f32_avx2(const float* P, int64_t B, int64_t c, const float* R, in
   });
   return true;
 }
+
+// The same product where P is dense (sigma 5..50): A (B, D) += P (B, c) @ R (c, D). MKL's sgemm
+// takes ~1.7x this kernel's time on it (B = 32, N = 1024, D = 3072, one thread, paired), and more
+// than half of its time goes to packing R (its copy reads R down the columns, 16 floats of a
+// row at a time, and D = 3072 makes the row stride 12 KiB, a multiple of 4 KiB: every row of a
+// strip lands in one L1 set). Here a block of R (kWdRows rows by kWdPanel columns) is copied
+// once into a buffer of 16-column strips, each row of a strip 64 contiguous bytes and the
+// strips kWdRows rows plus one apart (no two strips alias); the copy reads R along its rows,
+// and requests the next block's rows while it does. Register tiles of 5 or 6 rows of P by 16
+// columns run down a strip. Per thread, panels of columns. Summation per entry: sequential over a block's k (from zero), blocks added to A in order, as
+// in a blocked GEMM (the gemm_gamma(C) model of ws32_ok).
+constexpr int64_t kWdRows = 128, kWdPanel = 256, kWdStrip = kWdRows * kWsCols + kWsCols;
+
+template <int IB>
+__attribute__((target("avx2,fma"), noinline)) void wd_tile(const float* const* Pr, const float* strip, int64_t nk,
+                                                           float* const* Ar, int64_t d) {
+  __m256 acc[IB][2];
+  for (int i = 0; i < IB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  do {  // nk >= 1 (as in ws_tile)
+    const __m256 r0 = _mm256_load_ps(strip + k * kWsCols), r1 = _mm256_load_ps(strip + k * kWsCols + 8);
+    for (int i = 0; i < IB; ++i) {
+      const __m256 p = _mm256_broadcast_ss(Pr[i] + k);
+      acc[i][0] = _mm256_fmadd_ps(p, r0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(p, r1, acc[i][1]);
+    }
+  } while (++k < nk);
+  for (int i = 0; i < IB; ++i) {
+    _mm256_storeu_ps(Ar[i] + d, _mm256_add_ps(_mm256_loadu_ps(Ar[i] + d), acc[i][0]));
+    _mm256_storeu_ps(Ar[i] + d + 8, _mm256_add_ps(_mm256_loadu_ps(Ar[i] + d + 8), acc[i][1]));
+  }
+}
+
+// Panels q0..q1-1 of ws_dense_f32_avx2 (one thread's share).
+__attribute__((target("avx2,fma"))) void wd_panels(const float* P, int64_t B, int64_t c, const float* R, int64_t D,
+                                                   float* A, bool first, int64_t q0, int64_t q1) {
+  if (first)
+    for (int64_t i = 0; i < B; ++i)
+      std::fill(A + i * D + q0 * kWdPanel, A + i * D + std::min(D, q1 * kWdPanel), 0.0f);
+  auto buf = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(kWdStrip * (kWdPanel / kWsCols) + 16));
+  float* strips = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t{63});
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t d0 = q * kWdPanel, w = std::min(kWdPanel, D - d0), ns = (w + kWsCols - 1) / kWsCols;
+    for (int64_t k0 = 0; k0 < c; k0 += kWdRows) {
+      const int64_t nk = std::min(kWdRows, c - k0);
+      // The next block of this thread: the panel's next rows, else the next panel's first.
+      const bool same = k0 + kWdRows < c;
+      const int64_t pk0 = same ? k0 + kWdRows : 0, pd0 = same ? d0 : d0 + kWdPanel;
+      const int64_t pnk = same || q + 1 < q1 ? std::min(kWdRows, c - pk0) : 0;
+      const int64_t pw = pnk > 0 ? std::min(kWdPanel, D - pd0) : 0;
+      for (int64_t k = 0; k < nk; ++k) {
+        const float* src = R + (k0 + k) * D + d0;
+        for (int64_t e = 0; k < pnk && e < pw; e += 16) __builtin_prefetch(R + (pk0 + k) * D + pd0 + e, 0, 3);
+        int64_t s = 0;
+        for (; (s + 1) * kWsCols <= w; ++s) {
+          _mm256_store_ps(strips + s * kWdStrip + k * kWsCols, _mm256_loadu_ps(src + s * kWsCols));
+          _mm256_store_ps(strips + s * kWdStrip + k * kWsCols + 8, _mm256_loadu_ps(src + s * kWsCols + 8));
+        }
+        if (s < ns) {
+          float* dst = strips + s * kWdStrip + k * kWsCols;
+          for (int64_t e = 0; e < kWsCols; ++e) dst[e] = s * kWsCols + e < w ? src[s * kWsCols + e] : 0.0f;
+        }
+      }
+      for (int64_t s = 0; s < ns; ++s) {
+        const int64_t d = d0 + s * kWsCols, ws = std::min(kWsCols, w - s * kWsCols);
+        // ceil(B / 6) tiles of heights as even as can be (B = 32: 6 6 5 5 5 5, not 6 6 6 6 6 2)
+        const int64_t ntiles = (B + kWsRows - 1) / kWsRows;
+        for (int64_t t = 0; t < ntiles; ++t) {
+          const int64_t i0 = t * (B / ntiles) + std::min(t, B % ntiles);
+          const int64_t ib = B / ntiles + (t < B % ntiles ? 1 : 0);
+          const float* Pr[kWsRows];
+          float* Ar[kWsRows];
+          // The last strip of a D that is not a multiple of 16 (its padding columns are 0) adds into
+          // `part`, then into A.
+          alignas(32) float part[kWsRows][kWsCols];
+          const bool whole = ws == kWsCols;
+          for (int64_t i = 0; i < ib; ++i) {
+            Pr[i] = P + (i0 + i) * c + k0;
+            Ar[i] = whole ? A + (i0 + i) * D : part[i];
+            if (!whole) std::fill(part[i], part[i] + kWsCols, 0.0f);
+          }
+          const float* strip = strips + s * kWdStrip;
+          const int64_t dt = whole ? d : 0;
+          switch (ib) {
+            case 6: wd_tile<6>(Pr, strip, nk, Ar, dt); break;
+            case 5: wd_tile<5>(Pr, strip, nk, Ar, dt); break;
+            case 4: wd_tile<4>(Pr, strip, nk, Ar, dt); break;
+            case 3: wd_tile<3>(Pr, strip, nk, Ar, dt); break;
+            case 2: wd_tile<2>(Pr, strip, nk, Ar, dt); break;
+            default: wd_tile<1>(Pr, strip, nk, Ar, dt); break;
+          }
+          if (!whole)
+            for (int64_t i = 0; i < ib; ++i)
+              for (int64_t e = 0; e < ws; ++e) A[(i0 + i) * D + d + e] += part[i][e];
+        }
+      }
+    }
+  }
+}
+
+void ws_dense_f32_avx2(const float* P, int64_t B, int64_t c, const float* R, int64_t D, float* A, bool first) {
+  at::parallel_for(0, (D + kWdPanel - 1) / kWdPanel, 1,
+                   [&](int64_t q0, int64_t q1) { wd_panels(P, B, c, R, D, A, first, q0, q1); });
+}
 #else
 const bool kHaveAvx2 = false;
 void dot64_f32_avx2(const double*, int64_t, const float*, int64_t, int64_t, double*, double*) {}
 bool ws_sparse_f32_avx2(const float*, int64_t, int64_t, const float*, int64_t, float*, bool) { return false; }
+void ws_dense_f32_avx2(const float*, int64_t, int64_t, const float*, int64_t, float*, bool) {}
 #endif
 
 template <typename R>
@@ -903,8 +1014,8 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
         }
       });
     }
-    if (kHaveAvx2 && ws_sparse_f32_avx2(PP, B, c, RCF, D, ACC, k0 == 0)) {
-      // done: P was sparse enough for the kernel that skips its zeros
+    if (kHaveAvx2) {
+      if (!ws_sparse_f32_avx2(PP, B, c, RCF, D, ACC, k0 == 0)) ws_dense_f32_avx2(PP, B, c, RCF, D, ACC, k0 == 0);
     } else if (k0 == 0)
       at::mm_out(acc, P, rcf);
     else
