@@ -111,21 +111,14 @@ inline double sumsq(const R* r, int64_t D) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 // sum r[d]^2 (16 partial sums, d mod 16, added pairwise, then the lanes (l0 + l1) + (l2 + l3),
-// then the last D mod 16 in order); with dst, also dst[0..D) = r widened to float64 (exact),
-// for the float64 kernel's blocks below.
-__attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_t D, double* dst = nullptr) {
+// then the last D mod 16 in order).
+__attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_t D) {
   __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(),
           a3 = _mm256_setzero_pd();
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
     const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(r + d)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 4));
     const __m256d v2 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 8)), v3 = _mm256_cvtps_pd(_mm_loadu_ps(r + d + 12));
-    if (dst) {
-      _mm256_storeu_pd(dst + d, v0);
-      _mm256_storeu_pd(dst + d + 4, v1);
-      _mm256_storeu_pd(dst + d + 8, v2);
-      _mm256_storeu_pd(dst + d + 12, v3);
-    }
     a0 = _mm256_fmadd_pd(v0, v0, a0);
     a1 = _mm256_fmadd_pd(v1, v1, a1);
     a2 = _mm256_fmadd_pd(v2, v2, a2);
@@ -134,10 +127,7 @@ __attribute__((target("avx2,fma"))) double sumsq_f32_avx2(const float* r, int64_
   alignas(32) double lanes[4];
   _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
   double acc = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-  for (; d < D; ++d) {
-    if (dst) dst[d] = static_cast<double>(r[d]);
-    acc += static_cast<double>(r[d]) * static_cast<double>(r[d]);
-  }
+  for (; d < D; ++d) acc += static_cast<double>(r[d]) * static_cast<double>(r[d]);
   return acc;
 }
 // FASTDIFF_CPU_NO_AVX2=1 (read once, at load) takes the baseline paths on any CPU, so that they
@@ -158,89 +148,133 @@ inline double sumsq<float>(const float* r, int64_t D) {
   return (a0 + a1) + (a2 + a3);
 }
 // The dense rows' float64 logits GEMM, G = XD R^T, with XD (nd, D) float64 and R (s, D) the
-// float32 chunk of ref, widened to float64 (exactly) a block at a time in a buffer that
-// stays in L1: a float64 copy of the chunk costs ~0.4 of an fp32 GEMM, and MKL's dgemm on
-// thin converted tiles runs ~25% slower than on the whole chunk. Per thread, groups of 9
-// rows of R; D in blocks of 256 (the group's block, 18 KiB, and a 4-row tile of XD, 8 KiB,
-// stay in L1; a tile of XD meets all of the group before the next tile is read from L2);
-// register tiles of 4 rows of XD by 3 of R (12 accumulators). Summation: 4
-// lanes per block, blocks added in order: within gemm_gamma(D, 2^-53)'s model like any
-// blocked GEMM.
-constexpr int64_t kDotGroup = 9, kDotBlock = 256;
+// float32 chunk of ref, widened to float64 (exactly) a block at a time: a float64 copy of the
+// chunk costs ~0.4 of an fp32 GEMM, and MKL's dgemm on thin converted tiles runs ~25% slower
+// than on the whole chunk. Per thread, groups of 8 rows of R; D in blocks of 512. A group's
+// block is widened and transposed into a panel (d-major, 8 doubles per d, 32 KiB), the next
+// block's rows requested meanwhile; register tiles of 5 or 6 rows of XD by the 8 columns run
+// down the panel (12 accumulators, one broadcast of x per row and d). The float64 tiles
+// this replaced (dot products: 4 rows of XD by 3 of R, lanes added per block) took ~1.25x
+// its time. Summation per entry: sequential over a block's d, blocks added in order, like a
+// blocked GEMM (within gemm_gamma(D, 2^-53)'s model).
+constexpr int64_t kDotCols = 8, kDotBlock = 512, kDotRows = 6;
 
-template <int JB, int KB>
-__attribute__((target("avx2,fma"))) inline void dot64_tile(const double* XD, int64_t D, const double* Rb,
-                                                           int64_t n, double* out, int64_t ldo) {
-  __m256d acc[JB][KB];
-  for (int j = 0; j < JB; ++j)
-    for (int k = 0; k < KB; ++k) acc[j][k] = _mm256_setzero_pd();
+template <int IB>
+__attribute__((target("avx2,fma"), noinline)) void dot64_tile(const double* X, int64_t D, const double* panel,
+                                                               int64_t n, double* out, int64_t ldo) {
+  __m256d acc[IB][2];
+  for (int i = 0; i < IB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_pd();
+  int64_t d = 0;
+  do {  // n >= 1 (with `for`, GCC stores all of acc to memory on every d)
+    const __m256d r0 = _mm256_load_pd(panel + d * kDotCols), r1 = _mm256_load_pd(panel + d * kDotCols + 4);
+    for (int i = 0; i < IB; ++i) {
+      const __m256d x = _mm256_broadcast_sd(X + i * D + d);
+      acc[i][0] = _mm256_fmadd_pd(x, r0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_pd(x, r1, acc[i][1]);
+    }
+  } while (++d < n);
+  for (int i = 0; i < IB; ++i) {
+    _mm256_storeu_pd(out + i * ldo, _mm256_add_pd(_mm256_loadu_pd(out + i * ldo), acc[i][0]));
+    _mm256_storeu_pd(out + i * ldo + 4, _mm256_add_pd(_mm256_loadu_pd(out + i * ldo + 4), acc[i][1]));
+  }
+}
+
+// panel[d][j] = R[j][d] widened, d < n, j < 8 (rows j >= nr are 0); sq[j] += sum_d R[j][d]^2
+// (4 lanes, added (l0 + l1) + (l2 + l3), then the last n mod 4 in order).
+__attribute__((target("avx2,fma"))) void dot64_panel(const float* R, int64_t D, int64_t nr, int64_t n,
+                                                     double* panel, double* sq) {
+  static const float kZeros[kDotBlock] = {};
+  const float* rows[kDotCols];
+  for (int j = 0; j < kDotCols; ++j) rows[j] = j < nr ? R + j * D : kZeros;
+  __m256d s[kDotCols];
+  for (int j = 0; j < kDotCols; ++j) s[j] = _mm256_setzero_pd();
   int64_t d = 0;
   for (; d + 4 <= n; d += 4) {
-    __m256d r[KB];
-    for (int k = 0; k < KB; ++k) r[k] = _mm256_loadu_pd(Rb + k * kDotBlock + d);
-    for (int j = 0; j < JB; ++j) {
-      const __m256d xv = _mm256_loadu_pd(XD + j * D + d);
-      for (int k = 0; k < KB; ++k) acc[j][k] = _mm256_fmadd_pd(xv, r[k], acc[j][k]);
+    __m256d v[kDotCols];
+    for (int j = 0; j < kDotCols; ++j) {
+      v[j] = _mm256_cvtps_pd(_mm_loadu_ps(rows[j] + d));
+      s[j] = _mm256_fmadd_pd(v[j], v[j], s[j]);
+    }
+    for (int h = 0; h < 2; ++h) {  // two 4 x 4 transposes: rows 4h..4h+3, columns d..d+3
+      const __m256d t0 = _mm256_unpacklo_pd(v[4 * h], v[4 * h + 1]), t1 = _mm256_unpackhi_pd(v[4 * h], v[4 * h + 1]);
+      const __m256d t2 = _mm256_unpacklo_pd(v[4 * h + 2], v[4 * h + 3]);
+      const __m256d t3 = _mm256_unpackhi_pd(v[4 * h + 2], v[4 * h + 3]);
+      _mm256_store_pd(panel + (d + 0) * kDotCols + 4 * h, _mm256_permute2f128_pd(t0, t2, 0x20));
+      _mm256_store_pd(panel + (d + 1) * kDotCols + 4 * h, _mm256_permute2f128_pd(t1, t3, 0x20));
+      _mm256_store_pd(panel + (d + 2) * kDotCols + 4 * h, _mm256_permute2f128_pd(t0, t2, 0x31));
+      _mm256_store_pd(panel + (d + 3) * kDotCols + 4 * h, _mm256_permute2f128_pd(t1, t3, 0x31));
     }
   }
-  for (int j = 0; j < JB; ++j)
-    for (int k = 0; k < KB; ++k) {
-      alignas(32) double lanes[4];
-      _mm256_store_pd(lanes, acc[j][k]);
-      double s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-      for (int64_t e = d; e < n; ++e) s += XD[j * D + e] * Rb[k * kDotBlock + e];
-      out[j * ldo + k] += s;
+  for (int j = 0; j < kDotCols; ++j) {
+    alignas(32) double l[4];
+    _mm256_store_pd(l, s[j]);
+    sq[j] += (l[0] + l[1]) + (l[2] + l[3]);
+  }
+  for (; d < n; ++d)
+    for (int j = 0; j < kDotCols; ++j) {
+      const double v = static_cast<double>(rows[j][d]);
+      panel[d * kDotCols + j] = v;
+      sq[j] += v * v;
     }
 }
 
-// One tile of JB rows of XD against the group's ng rows of R (in tiles of 3): the rows of XD
-// are read from L2 once and then from L1, the group's block stays in L1 throughout.
-template <int JB>
-inline void dot64_group(const double* XD, int64_t D, const double* Rb, int64_t ng, int64_t n, double* out,
-                        int64_t ldo) {
-  int64_t k = 0;
-  for (; k + 3 <= ng; k += 3) dot64_tile<JB, 3>(XD, D, Rb + k * kDotBlock, n, out + k, ldo);
-  if (ng - k == 2) dot64_tile<JB, 2>(XD, D, Rb + k * kDotBlock, n, out + k, ldo);
-  if (ng - k == 1) dot64_tile<JB, 1>(XD, D, Rb + k * kDotBlock, n, out + k, ldo);
+// Groups g0..g1-1 of dot64_f32_avx2 (one thread's share).
+__attribute__((target("avx2,fma"))) void dot64_groups(const double* XD, int64_t nd, const float* R, int64_t s,
+                                                      int64_t D, double* out, double* rn, int64_t g0, int64_t g1) {
+  auto buf = std::make_unique_for_overwrite<double[]>(static_cast<size_t>(kDotBlock * kDotCols + 8));
+  double* panel = reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t{63});
+  // ceil(nd / 6) tiles of heights as even as can be
+  const int64_t ntiles = (nd + kDotRows - 1) / kDotRows;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t k0 = g * kDotCols, nr = std::min(kDotCols, s - k0);
+    for (int64_t j = 0; j < nd; ++j) std::fill(out + j * s + k0, out + j * s + k0 + nr, 0.0);
+    double sq[kDotCols] = {};
+    for (int64_t d0 = 0; d0 < D; d0 += kDotBlock) {
+      const int64_t n = std::min(D - d0, kDotBlock);
+      dot64_panel(R + k0 * D + d0, D, nr, n, panel, sq);
+      // The next block of ref (this group's next columns, else the next group's first) is
+      // requested now, to arrive while this one's tiles compute.
+      {
+        const bool same = d0 + kDotBlock < D;
+        const int64_t pk0 = same ? k0 : k0 + kDotCols, pd = same ? d0 + kDotBlock : 0;
+        const int64_t pnr = std::min(kDotCols, s - pk0), pn = std::min(D - pd, kDotBlock);
+        for (int64_t pk = 0; pk < pnr && (same || g + 1 < g1); ++pk)
+          for (int64_t e = 0; e < pn; e += 16) __builtin_prefetch(R + (pk0 + pk) * D + pd + e, 0, 3);
+      }
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t i0 = t * (nd / ntiles) + std::min(t, nd % ntiles);
+        const int64_t ib = nd / ntiles + (t < nd % ntiles ? 1 : 0);
+        // A group of fewer than 8 rows (the last) adds into `part`, then into out.
+        alignas(32) double part[kDotRows * kDotCols];
+        const bool whole = nr == kDotCols;
+        if (!whole) std::fill(part, part + kDotRows * kDotCols, 0.0);
+        double* o = whole ? out + i0 * s + k0 : part;
+        const int64_t ldo = whole ? s : kDotCols;
+        const double* X = XD + i0 * D + d0;
+        switch (ib) {
+          case 6: dot64_tile<6>(X, D, panel, n, o, ldo); break;
+          case 5: dot64_tile<5>(X, D, panel, n, o, ldo); break;
+          case 4: dot64_tile<4>(X, D, panel, n, o, ldo); break;
+          case 3: dot64_tile<3>(X, D, panel, n, o, ldo); break;
+          case 2: dot64_tile<2>(X, D, panel, n, o, ldo); break;
+          default: dot64_tile<1>(X, D, panel, n, o, ldo); break;
+        }
+        if (!whole)
+          for (int64_t i = 0; i < ib; ++i)
+            for (int64_t j = 0; j < nr; ++j) out[(i0 + i) * s + k0 + j] += part[i * kDotCols + j];
+      }
+    }
+    if (rn)
+      for (int64_t j = 0; j < nr; ++j) rn[k0 + j] = sq[j];
+  }
 }
 
 // out (nd, s), row-major, overwritten; rn (s) null, or set to ||R_k||^2 (float64, from the
 // widened blocks: every element of R is widened exactly once).
 void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int64_t D, double* out,
                     double* rn) {
-  at::parallel_for(0, (s + kDotGroup - 1) / kDotGroup, 1, [&](int64_t g0, int64_t g1) {
-    alignas(32) double rb[kDotGroup * kDotBlock];
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t k0 = g * kDotGroup, k1 = std::min(s, k0 + kDotGroup);
-      for (int64_t j = 0; j < nd; ++j) std::fill(out + j * s + k0, out + j * s + k1, 0.0);
-      if (rn) std::fill(rn + k0, rn + k1, 0.0);
-      for (int64_t d0 = 0; d0 < D; d0 += kDotBlock) {
-        const int64_t n = std::min(D - d0, kDotBlock);
-        for (int64_t k = k0; k < k1; ++k) {
-          const double sq = sumsq_f32_avx2(R + k * D + d0, n, rb + (k - k0) * kDotBlock);   // widened
-          if (rn) rn[k] += sq;
-        }
-        // The next block of ref (this group's next 256 columns, else the next group's first) is
-        // requested now, to arrive while this one's tiles compute: the widening then reads
-        // from cache instead of waiting on L3 / memory (it cost ~0.45x the tiles without).
-        {
-          const bool same = d0 + kDotBlock < D;
-          const int64_t pk0 = same ? k0 : k1, pk1 = same ? k1 : std::min(s, k1 + kDotGroup);
-          const int64_t pd = same ? d0 + kDotBlock : 0, pn = std::min(D - pd, kDotBlock);
-          for (int64_t pk = pk0; pk < pk1; ++pk)
-            for (int64_t e = 0; e < pn; e += 16) __builtin_prefetch(R + pk * D + pd + e, 0, 3);
-        }
-        int64_t j = 0;
-        for (; j + 4 <= nd; j += 4) dot64_group<4>(XD + j * D + d0, D, rb, k1 - k0, n, out + j * s + k0, s);
-        switch (nd - j) {
-          case 3: dot64_group<3>(XD + j * D + d0, D, rb, k1 - k0, n, out + j * s + k0, s); break;
-          case 2: dot64_group<2>(XD + j * D + d0, D, rb, k1 - k0, n, out + j * s + k0, s); break;
-          case 1: dot64_group<1>(XD + j * D + d0, D, rb, k1 - k0, n, out + j * s + k0, s); break;
-          default: break;
-        }
-      }
-    }
-  });
+  at::parallel_for(0, (s + kDotCols - 1) / kDotCols, 1,
+                   [&](int64_t g0, int64_t g1) { dot64_groups(XD, nd, R, s, D, out, rn, g0, g1); });
 }
 
 // The weighted sum A (B, D) += P (B, c) @ R (c, D) in fp32, where P is sparse. Near one-hot
