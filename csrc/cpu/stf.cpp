@@ -285,26 +285,29 @@ void dot64_f32_avx2(const double* XD, int64_t nd, const float* R, int64_t s, int
 // tiles. Where the tiles' nonzeros are many (sigma 5..50), ws_dense_f32_avx2 below is faster
 // (this kernel reads R along its columns, 16 floats of a 12 KiB row at a time): the caller uses it.
 // Per thread, panels of kWsPanel columns; k in blocks of kWsBlock (a panel's block stays in L2
-// across the tiles); register tiles of 6 rows by 16 columns. Summation per entry: sequential
-// over a block's nonzero k, blocks added in order, like a blocked GEMM's (the gemm_gamma(C)
-// model of ws32_ok).
+// across the tiles); register tiles (ws16_tile) of 6 rows by 16 columns. Summation per entry:
+// sequential over a block's nonzero k (from zero), blocks added in order, like a blocked GEMM's
+// (the gemm_gamma(C) model of ws32_ok).
 constexpr int64_t kWsBlock = 64, kWsRows = 6, kWsCols = 16, kWsPanel = 256;
 // The kernel runs where the tiles' nonzeros are at most this share of (tiles x c) (measured at
 // N = 1024, sigma 5..50, where every weight is nonzero: it costs ~2x ws_dense_f32_avx2 there).
 constexpr double kWsMaxDensity = 0.25;
 
-template <int IB>
-__attribute__((target("avx2,fma"))) inline void ws_tile(const float* const* Pr, const int32_t* ks, int64_t nk,
-                                                        const float* R, int64_t D, float* const* Ar, int64_t d) {
+// The fp32 weighted sums' register tile, shared by the sparse and the dense kernel: for rows
+// i < IB, A_i[d, d + 16) += sum over t < nk of P_i[k] R_k[0, 16) with k = ks[t] (the sparse
+// kernel's list of live references) or k = t (kList false: the dense kernel's strip), R_k =
+// R + k ldr. Summed from zero in registers (12 accumulators), then added to A. nk >= 1: the
+// loop is do-while because with `for` GCC 12 stores all of acc to the stack on every step.
+template <int IB, bool kList>
+__attribute__((target("avx2,fma"), noinline)) void ws16_tile(const float* const* Pr, const int32_t* ks, int64_t nk,
+                                                              const float* R, int64_t ldr, float* const* Ar,
+                                                              int64_t d) {
   __m256 acc[IB][2];
-  for (int i = 0; i < IB; ++i) {
-    acc[i][0] = _mm256_loadu_ps(Ar[i] + d);
-    acc[i][1] = _mm256_loadu_ps(Ar[i] + d + 8);
-  }
+  for (int i = 0; i < IB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   int64_t t = 0;
-  do {  // nk >= 1 (with `for`, GCC stores all of acc to memory on every t)
-    const int64_t k = ks[t];
-    const __m256 r0 = _mm256_loadu_ps(R + k * D + d), r1 = _mm256_loadu_ps(R + k * D + d + 8);
+  do {
+    const int64_t k = kList ? ks[t] : t;
+    const __m256 r0 = _mm256_loadu_ps(R + k * ldr), r1 = _mm256_loadu_ps(R + k * ldr + 8);
     for (int i = 0; i < IB; ++i) {
       const __m256 p = _mm256_broadcast_ss(Pr[i] + k);
       acc[i][0] = _mm256_fmadd_ps(p, r0, acc[i][0]);
@@ -312,8 +315,22 @@ __attribute__((target("avx2,fma"))) inline void ws_tile(const float* const* Pr, 
     }
   } while (++t < nk);
   for (int i = 0; i < IB; ++i) {
-    _mm256_storeu_ps(Ar[i] + d, acc[i][0]);
-    _mm256_storeu_ps(Ar[i] + d + 8, acc[i][1]);
+    _mm256_storeu_ps(Ar[i] + d, _mm256_add_ps(_mm256_loadu_ps(Ar[i] + d), acc[i][0]));
+    _mm256_storeu_ps(Ar[i] + d + 8, _mm256_add_ps(_mm256_loadu_ps(Ar[i] + d + 8), acc[i][1]));
+  }
+}
+
+// ws16_tile for a tile of ib rows, 1 <= ib <= kWsRows.
+template <bool kList>
+inline void ws16(int64_t ib, const float* const* Pr, const int32_t* ks, int64_t nk, const float* R, int64_t ldr,
+                 float* const* Ar, int64_t d) {
+  switch (ib) {
+    case 6: ws16_tile<6, kList>(Pr, ks, nk, R, ldr, Ar, d); break;
+    case 5: ws16_tile<5, kList>(Pr, ks, nk, R, ldr, Ar, d); break;
+    case 4: ws16_tile<4, kList>(Pr, ks, nk, R, ldr, Ar, d); break;
+    case 3: ws16_tile<3, kList>(Pr, ks, nk, R, ldr, Ar, d); break;
+    case 2: ws16_tile<2, kList>(Pr, ks, nk, R, ldr, Ar, d); break;
+    default: ws16_tile<1, kList>(Pr, ks, nk, R, ldr, Ar, d); break;
   }
 }
 
@@ -383,16 +400,7 @@ bool ws_sparse_f32_avx2(const float* P, int64_t B, int64_t c, const float* R, in
           }
           const int64_t dend = std::min(D, (q + 1) * kWsPanel);
           int64_t d = q * kWsPanel;
-          for (; d + kWsCols <= dend; d += kWsCols) {
-            switch (ib) {
-              case 6: ws_tile<6>(Pr, kl, nk, R, D, Ar, d); break;
-              case 5: ws_tile<5>(Pr, kl, nk, R, D, Ar, d); break;
-              case 4: ws_tile<4>(Pr, kl, nk, R, D, Ar, d); break;
-              case 3: ws_tile<3>(Pr, kl, nk, R, D, Ar, d); break;
-              case 2: ws_tile<2>(Pr, kl, nk, R, D, Ar, d); break;
-              default: ws_tile<1>(Pr, kl, nk, R, D, Ar, d); break;
-            }
-          }
+          for (; d + kWsCols <= dend; d += kWsCols) ws16<true>(ib, Pr, kl, nk, R + d, D, Ar, d);
           if (d < dend) ws_tail(ib, Pr, kl, nk, R, D, Ar, d, dend - d);
         }
   });
@@ -406,30 +414,11 @@ bool ws_sparse_f32_avx2(const float* P, int64_t B, int64_t c, const float* R, in
 // strip lands in one L1 set). Here a block of R (kWdRows rows by kWdPanel columns) is copied
 // once into a buffer of 16-column strips, each row of a strip 64 contiguous bytes and the
 // strips kWdRows rows plus one apart (no two strips alias); the copy reads R along its rows,
-// and requests the next block's rows while it does. Register tiles of 5 or 6 rows of P by 16
-// columns run down a strip. Per thread, panels of columns. Summation per entry: sequential over a block's k (from zero), blocks added to A in order, as
-// in a blocked GEMM (the gemm_gamma(C) model of ws32_ok).
+// and requests the next block's rows while it does. Register tiles (ws16_tile) of 5 or 6 rows
+// of P by 16 columns run down a strip. Per thread, panels of columns. Summation per entry:
+// sequential over a block's k (from zero), blocks added to A in order, as in a blocked GEMM
+// (the gemm_gamma(C) model of ws32_ok).
 constexpr int64_t kWdRows = 128, kWdPanel = 256, kWdStrip = kWdRows * kWsCols + kWsCols;
-
-template <int IB>
-__attribute__((target("avx2,fma"), noinline)) void wd_tile(const float* const* Pr, const float* strip, int64_t nk,
-                                                           float* const* Ar, int64_t d) {
-  __m256 acc[IB][2];
-  for (int i = 0; i < IB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  do {  // nk >= 1 (as in ws_tile)
-    const __m256 r0 = _mm256_load_ps(strip + k * kWsCols), r1 = _mm256_load_ps(strip + k * kWsCols + 8);
-    for (int i = 0; i < IB; ++i) {
-      const __m256 p = _mm256_broadcast_ss(Pr[i] + k);
-      acc[i][0] = _mm256_fmadd_ps(p, r0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(p, r1, acc[i][1]);
-    }
-  } while (++k < nk);
-  for (int i = 0; i < IB; ++i) {
-    _mm256_storeu_ps(Ar[i] + d, _mm256_add_ps(_mm256_loadu_ps(Ar[i] + d), acc[i][0]));
-    _mm256_storeu_ps(Ar[i] + d + 8, _mm256_add_ps(_mm256_loadu_ps(Ar[i] + d + 8), acc[i][1]));
-  }
-}
 
 // Panels q0..q1-1 of ws_dense_f32_avx2 (one thread's share).
 __attribute__((target("avx2,fma"))) void wd_panels(const float* P, int64_t B, int64_t c, const float* R, int64_t D,
@@ -481,14 +470,7 @@ __attribute__((target("avx2,fma"))) void wd_panels(const float* P, int64_t B, in
           }
           const float* strip = strips + s * kWdStrip;
           const int64_t dt = whole ? d : 0;
-          switch (ib) {
-            case 6: wd_tile<6>(Pr, strip, nk, Ar, dt); break;
-            case 5: wd_tile<5>(Pr, strip, nk, Ar, dt); break;
-            case 4: wd_tile<4>(Pr, strip, nk, Ar, dt); break;
-            case 3: wd_tile<3>(Pr, strip, nk, Ar, dt); break;
-            case 2: wd_tile<2>(Pr, strip, nk, Ar, dt); break;
-            default: wd_tile<1>(Pr, strip, nk, Ar, dt); break;
-          }
+          ws16<false>(ib, Pr, nullptr, nk, strip, kWsCols, Ar, dt);
           if (!whole)
             for (int64_t i = 0; i < ib; ++i)
               for (int64_t e = 0; e < ws; ++e) A[(i0 + i) * D + d + e] += part[i][e];
