@@ -628,8 +628,8 @@ def test_moderate_sigma_ragged(backend, dtype):
 @pytest.mark.parametrize("chunked", [False, True])
 def test_moderate_sigma_dense_weighted_sum_ragged(backend, chunked, monkeypatch):
     """Every weight nonzero (sigma ~20) at B = 32: the cpu backend's dense weighted-sum kernel
-    (row tiles of 6 6 5 5 5 5, references in blocks of 128, D in panels of 256 and strips of
-    16) on sizes that fill none of them evenly: D = 1000 ends in a panel of 232 and a strip of
+    (row tiles of 6 6 5 5 5 5, references in blocks of 256, D in panels of 128 and strips of
+    16) on sizes that fill none of them evenly: D = 1000 ends in a panel of 104 and a strip of
     8, N = 310 in a block of 54 (one chunk) or chunks of 100 (several, the weighted sums added
     across chunks). Dropping the last strip, the last block of references or the last row tile
     (mutated by hand) each break the contract here."""

@@ -408,7 +408,7 @@ bool ws_sparse_f32_avx2(const float* P, int64_t B, int64_t c, const float* R, in
 }
 
 // The same product where P is dense (sigma 5..50): A (B, D) += P (B, c) @ R (c, D). MKL's sgemm
-// takes ~1.7x this kernel's time on it (B = 32, N = 1024, D = 3072, one thread, paired), and more
+// takes ~1.8x this kernel's time on it (B = 32, N = 1024, D = 3072, one thread, paired), and more
 // than half of its time goes to packing R (its copy reads R down the columns, 16 floats of a
 // row at a time, and D = 3072 makes the row stride 12 KiB, a multiple of 4 KiB: every row of a
 // strip lands in one L1 set). Here a block of R (kWdRows rows by kWdPanel columns) is copied
@@ -418,7 +418,7 @@ bool ws_sparse_f32_avx2(const float* P, int64_t B, int64_t c, const float* R, in
 // of P by 16 columns run down a strip. Per thread, panels of columns. Summation per entry:
 // sequential over a block's k (from zero), blocks added to A in order, as in a blocked GEMM
 // (the gemm_gamma(C) model of ws32_ok).
-constexpr int64_t kWdRows = 128, kWdPanel = 256, kWdStrip = kWdRows * kWsCols + kWsCols;
+constexpr int64_t kWdRows = 256, kWdPanel = 128, kWdStrip = kWdRows * kWsCols + kWsCols;
 
 // Panels q0..q1-1 of ws_dense_f32_avx2 (one thread's share).
 __attribute__((target("avx2,fma"))) void wd_panels(const float* P, int64_t B, int64_t c, const float* R, int64_t D,
