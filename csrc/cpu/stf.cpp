@@ -824,12 +824,20 @@ void stf_target_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
     auto dense_logits = [&](const std::vector<int64_t>& rows, bool with_norms) {
       const int64_t nd = static_cast<int64_t>(rows.size());
       if (nd == 0) return;
-      at::Tensor xd = at::empty({nd, D}, f64);
-      double* XD = xd.data_ptr<double>();
-      for (int64_t j = 0; j < nd; ++j) std::copy(X64 + rows[j] * D, X64 + (rows[j] + 1) * D, XD + j * D);
+      // The rows of x in float64: X64 itself for the AVX2 kernel when they are all the rows (rows
+      // are in increasing order), else a copy (a tensor, for the MKL paths).
+      const bool avx2 = kHaveAvx2 && !ref_is_f64;
+      at::Tensor xd;
+      const double* XD = X64;
+      if (!avx2 || nd < B) {
+        xd = at::empty({nd, D}, f64);
+        double* xdp = xd.data_ptr<double>();
+        for (int64_t j = 0; j < nd; ++j) std::copy(X64 + rows[j] * D, X64 + (rows[j] + 1) * D, xdp + j * D);
+        XD = xdp;
+      }
       if (!g64_buf.defined() || g64_buf.numel() < nd * c) g64_buf = at::empty({B * C}, f64);
       at::Tensor G64 = g64_buf.narrow(0, 0, nd * c).view({nd, c});
-      if (kHaveAvx2 && !ref_is_f64) {
+      if (avx2) {
         std::vector<double> rn_k(with_norms ? c : 0);
         dot64_f32_avx2(XD, nd, RCF, c, D, G64.data_ptr<double>(), with_norms ? rn_k.data() : nullptr);
         for (int64_t k = 0; k < (with_norms ? c : 0); ++k) set_rnorm(k0 + k, rn_k[k]);
