@@ -225,7 +225,7 @@ torch.save((t, lse), sys.argv[1])
 
 
 def test_cpu_backend_baseline_paths(tmp_path):
-    """The cpu backend's AVX2 kernels (float64 logits, widening, sparse weighted sum) have
+    """The cpu backend's AVX2 kernels (float64 logits, sparse and dense weighted sums) have
     baseline fallbacks for CPUs without AVX2/FMA; FASTDIFF_CPU_NO_AVX2=1 takes them here. The
     op's cpu cases run so in a subprocess, and the switch is shown to take effect: at sigma 10
     every row is dense and every weight nonzero, and the float64 logits then come from MKL's

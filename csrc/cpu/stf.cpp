@@ -147,6 +147,15 @@ inline double sumsq<float>(const float* r, int64_t D) {
   for (; d < D; ++d) a0 += static_cast<double>(r[d]) * static_cast<double>(r[d]);
   return (a0 + a1) + (a2 + a3);
 }
+// n >= 1 rows cut into ceil(n / most) tiles of heights as even as can be (n = 32, most = 6:
+// 6 6 5 5 5 5, not 6 6 6 6 6 2): tile t holds rows first(t) .. first(t) + rows(t) - 1.
+struct EvenTiles {
+  int64_t n, count;
+  EvenTiles(int64_t n_, int64_t most) : n(n_), count((n_ + most - 1) / most) {}
+  int64_t first(int64_t t) const { return t * (n / count) + std::min(t, n % count); }
+  int64_t rows(int64_t t) const { return n / count + (t < n % count ? 1 : 0); }
+};
+
 // The dense rows' float64 logits GEMM, G = XD R^T, with XD (nd, D) float64 and R (s, D) the
 // float32 chunk of ref, widened to float64 (exactly) a block at a time: a float64 copy of the
 // chunk costs ~0.4 of an fp32 GEMM, and MKL's dgemm on thin converted tiles runs ~25% slower
@@ -223,8 +232,7 @@ __attribute__((target("avx2,fma"))) void dot64_groups(const double* XD, int64_t 
                                                       int64_t D, double* out, double* rn, int64_t g0, int64_t g1) {
   auto buf = std::make_unique_for_overwrite<double[]>(static_cast<size_t>(kDotBlock * kDotCols + 8));
   double* panel = reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t{63});
-  // ceil(nd / 6) tiles of heights as even as can be
-  const int64_t ntiles = (nd + kDotRows - 1) / kDotRows;
+  const EvenTiles tiles(nd, kDotRows);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t k0 = g * kDotCols, nr = std::min(kDotCols, s - k0);
     for (int64_t j = 0; j < nd; ++j) std::fill(out + j * s + k0, out + j * s + k0 + nr, 0.0);
@@ -241,9 +249,8 @@ __attribute__((target("avx2,fma"))) void dot64_groups(const double* XD, int64_t 
         for (int64_t pk = 0; pk < pnr && (same || g + 1 < g1); ++pk)
           for (int64_t e = 0; e < pn; e += 16) __builtin_prefetch(R + (pk0 + pk) * D + pd + e, 0, 3);
       }
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const int64_t i0 = t * (nd / ntiles) + std::min(t, nd % ntiles);
-        const int64_t ib = nd / ntiles + (t < nd % ntiles ? 1 : 0);
+      for (int64_t t = 0; t < tiles.count; ++t) {
+        const int64_t i0 = tiles.first(t), ib = tiles.rows(t);
         // A group of fewer than 8 rows (the last) adds into `part`, then into out.
         alignas(32) double part[kDotRows * kDotCols];
         const bool whole = nr == kDotCols;
@@ -428,6 +435,7 @@ __attribute__((target("avx2,fma"))) void wd_panels(const float* P, int64_t B, in
       std::fill(A + i * D + q0 * kWdPanel, A + i * D + std::min(D, q1 * kWdPanel), 0.0f);
   auto buf = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(kWdStrip * (kWdPanel / kWsCols) + 16));
   float* strips = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t{63});
+  const EvenTiles tiles(B, kWsRows);
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t d0 = q * kWdPanel, w = std::min(kWdPanel, D - d0), ns = (w + kWsCols - 1) / kWsCols;
     for (int64_t k0 = 0; k0 < c; k0 += kWdRows) {
@@ -452,11 +460,8 @@ __attribute__((target("avx2,fma"))) void wd_panels(const float* P, int64_t B, in
       }
       for (int64_t s = 0; s < ns; ++s) {
         const int64_t d = d0 + s * kWsCols, ws = std::min(kWsCols, w - s * kWsCols);
-        // ceil(B / 6) tiles of heights as even as can be (B = 32: 6 6 5 5 5 5, not 6 6 6 6 6 2)
-        const int64_t ntiles = (B + kWsRows - 1) / kWsRows;
-        for (int64_t t = 0; t < ntiles; ++t) {
-          const int64_t i0 = t * (B / ntiles) + std::min(t, B % ntiles);
-          const int64_t ib = B / ntiles + (t < B % ntiles ? 1 : 0);
+        for (int64_t t = 0; t < tiles.count; ++t) {
+          const int64_t i0 = tiles.first(t), ib = tiles.rows(t);
           const float* Pr[kWsRows];
           float* Ar[kWsRows];
           // The last strip of a D that is not a multiple of 16 (its padding columns are 0) adds into
